@@ -1,0 +1,85 @@
+"""Training measurements: supervised and real tokens per batch, tokens/s, peak memory, metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+@dataclass
+class TokenMeter:
+    """Running totals of the batches the collator has built (dataloader workers must be 0)."""
+
+    tokens: int = 0  # real (non-pad) tokens
+    target_tokens: int = 0  # positions the loss scores
+
+    def add(self, batch: Mapping[str, Any]) -> None:
+        labels = batch["labels"]
+        self.target_tokens += int((labels[..., 1:] != -100).sum())
+        mask = batch.get("attention_mask")
+        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+@dataclass
+class CountingCollator:
+    """Calls a collator and records what each batch holds in a `TokenMeter`."""
+
+    collator: Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]
+    meter: TokenMeter = field(default_factory=TokenMeter)
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(features)
+        self.meter.add(batch)
+        return batch
+
+
+def peak_memory_gib() -> float:
+    """Peak GPU memory allocated by torch, or the process's peak resident memory on the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+
+
+class MetricsCallback(TrainerCallback):
+    """Adds supervised tokens, tokens/s and peak memory to each training log and appends it to metrics.jsonl."""
+
+    def __init__(self, meter: TokenMeter, path: Path, is_main_process: bool) -> None:
+        self.meter = meter
+        self.path = path
+        self.is_main_process = is_main_process
+        self.history: list[dict[str, Any]] = []
+        self._last_time = time.perf_counter()
+        self._last_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
+        self._last_time = time.perf_counter()
+        self._last_tokens = self.meter.tokens
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - TrainerCallback signature
+        if logs is None:
+            return
+        if "loss" in logs:
+            elapsed = max(time.perf_counter() - self._last_time, 1e-9)
+            logs["tokens_per_s"] = round((self.meter.tokens - self._last_tokens) / elapsed, 1)
+            logs["supervised_tokens"] = self.meter.target_tokens
+            logs["peak_mem_gib"] = round(peak_memory_gib(), 3)
+            self._last_time, self._last_tokens = time.perf_counter(), self.meter.tokens
+        record = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
+        self.history.append(record)
+        if self.is_main_process:
+            with self.path.open("a", encoding="utf-8") as stream:
+                stream.write(json.dumps(record) + "\n")
+
+    def losses(self) -> list[float]:
+        return [record["loss"] for record in self.history if "loss" in record]

@@ -1,0 +1,183 @@
+"""Build the quantization and LoRA configs, load the base model and tokenizer, attach the adapter."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lora_causal.config import LoraSection, ModelSection, QuantizationSection, looks_local
+from lora_causal.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+    from peft import LoraConfig, PeftModel
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    """`auto` -> bfloat16 on GPUs that support it, float16 on older GPUs, float32 on the CPU."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def build_quantization_config(section: QuantizationSection, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """The BitsAndBytesConfig for a recipe's quantization section (None for mode: none)."""
+    from transformers import BitsAndBytesConfig
+
+    if section.mode == "none":
+        return None
+    if section.mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=section.mode,
+        bnb_4bit_use_double_quant=section.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        # FSDP needs the packed weights stored in a float dtype it can shard alongside the rest.
+        bnb_4bit_quant_storage=compute_dtype if _fsdp_enabled() else None,
+    )
+
+
+def build_lora_config(section: LoraSection) -> LoraConfig:
+    """The peft LoraConfig for a recipe's lora section."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=section.target_modules,
+        use_rslora=section.use_rslora,
+        use_dora=section.use_dora,
+        bias=section.bias,
+        modules_to_save=list(section.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def _fsdp_enabled() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def device_map_for_process() -> dict[str, Any]:
+    """Put the whole model on this process's device: its GPU under accelerate/torchrun, else GPU 0 or the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"": "cpu"}
+
+
+def _check_local(path: str, what: str) -> None:
+    if looks_local(path) and not Path(path).exists():
+        raise UserError(f"{what}: '{path}' does not exist; give an existing folder or a Hub model id")
+
+
+def load_tokenizer(section: ModelSection) -> PreTrainedTokenizerBase:
+    """Load the tokenizer and make sure it has a pad token (the EOS token when it has none).
+
+    Padding is masked by position, so a pad token equal to EOS never hides the real EOS from the loss.
+    """
+    from transformers import AutoTokenizer
+
+    source = section.tokenizer or section.name_or_path
+    _check_local(source, "model.tokenizer" if section.tokenizer else "model.name_or_path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=section.revision, trust_remote_code=section.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load a tokenizer from '{source}': {_first_line(exc)}") from None
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"the tokenizer of '{source}' has no EOS token; set eos_token in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(section: ModelSection, quantization: QuantizationSection, seed: int) -> PreTrainedModel:
+    """Load the frozen base: quantized per the recipe, on this process's device, not upcast to fp32.
+
+    Gradient checkpointing (non-reentrant) is switched on by the trainer from the SFTConfig.
+    """
+    from transformers import AutoModelForCausalLM
+
+    compute_dtype = resolve_compute_dtype(quantization.compute_dtype)
+    weights = section.name_or_path
+    if section.init == "random":
+        from lora_causal.synthetic import materialize_random_model
+
+        _check_local(weights, "model.name_or_path")
+        weights = str(materialize_random_model(Path(weights), seed=seed))
+    else:
+        _check_local(weights, "model.name_or_path")
+    kwargs: dict[str, Any] = {
+        "dtype": compute_dtype,
+        "device_map": device_map_for_process(),
+        "revision": section.revision if section.init == "pretrained" else None,
+        "trust_remote_code": section.trust_remote_code,
+    }
+    quantization_config = build_quantization_config(quantization, compute_dtype)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if section.attn_implementation != "auto":
+        kwargs["attn_implementation"] = section.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise UserError(f"cannot load model '{section.name_or_path}': {_first_line(exc)}") from None
+    model.config.use_cache = False  # packed batches must never build a KV cache (see DESIGN.md)
+    keep_4bit_weights_trainable(model)
+    return model
+
+
+def keep_4bit_weights_trainable(model: PreTrainedModel) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference; return how many layers were set.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 converts a Linear4bit's weight to an inference-only layout the
+    first time it runs in eval mode without grad (sampling, evaluation). Later training steps then go through a
+    kernel with no autograd support, and gradients stop flowing through the frozen layers into earlier adapters.
+    Training must survive evaluation, so the conversion is switched off per layer.
+    """
+    import bitsandbytes as bnb
+
+    layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def attach_lora(model: PreTrainedModel, section: LoraSection) -> PeftModel:
+    """Wrap the frozen base with a trainable LoRA adapter in the recipe's adapter dtype."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, build_lora_config(section))
+    set_adapter_dtype(peft_model, section.dtype)
+    return peft_model
+
+
+def set_adapter_dtype(model: PeftModel, dtype_name: str) -> None:
+    """Store every trainable (adapter) parameter in `dtype_name`; frozen base weights are left as loaded."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+
+
+def trainable_report(model: PeftModel) -> str:
+    """One line: trainable parameters, all parameters (4-bit weights counted unpacked), and the share."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__

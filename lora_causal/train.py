@@ -1,0 +1,247 @@
+"""Recipe -> SFTConfig -> SFTTrainer -> run directory. The only module that imports trl.
+
+TRL trains on our pre-tokenized dataset with our collator: `skip_prepare_dataset` stops it re-tokenizing,
+truncating or re-labelling, and `remove_unused_columns=False` lets `prompt_length` reach the collator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lora_causal.config import Recipe
+from lora_causal.errors import UserError
+
+if TYPE_CHECKING:
+    from trl import SFTConfig
+
+    from lora_causal.rundir import RunDirectory
+
+
+def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConfig:
+    """The SFTConfig for a recipe (no weights are touched)."""
+    import torch
+    from trl import SFTConfig
+
+    from lora_causal.model import resolve_compute_dtype
+
+    train = recipe.train
+    compute_dtype = resolve_compute_dtype(recipe.quantization.compute_dtype)
+    try:
+        return SFTConfig(
+            output_dir=output_dir,
+            num_train_epochs=train.epochs,
+            max_steps=train.max_steps or -1,
+            per_device_train_batch_size=train.micro_batch_size,
+            per_device_eval_batch_size=train.micro_batch_size,
+            gradient_accumulation_steps=train.gradient_accumulation,
+            learning_rate=train.learning_rate,
+            lr_scheduler_type=train.lr_scheduler,
+            warmup_steps=train.warmup_ratio,  # a float below 1 is a share of the total steps
+            weight_decay=train.weight_decay,
+            max_grad_norm=train.max_grad_norm,
+            optim=train.optimizer,
+            seed=train.seed,
+            data_seed=train.seed,
+            bf16=compute_dtype == torch.bfloat16,
+            fp16=compute_dtype == torch.float16,
+            gradient_checkpointing=train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+            logging_steps=train.logging_steps,
+            logging_first_step=True,
+            save_strategy="steps",
+            save_steps=recipe.output.save_steps,
+            save_total_limit=recipe.output.save_total_limit,
+            eval_strategy="steps" if has_eval else "no",
+            eval_steps=(train.eval_steps or train.logging_steps) if has_eval else None,
+            report_to=list(recipe.output.report_to) or "none",
+            # Our dataset is tokenized and our collator builds the labels: TRL must not touch either.
+            dataset_kwargs={"skip_prepare_dataset": True},
+            remove_unused_columns=False,
+            max_length=None,
+            packing=False,
+            padding_free=False,  # padding-free batches come from our collator, not TRL's
+            dataloader_num_workers=0,  # the token meter counts batches in this process
+            dataloader_pin_memory=torch.cuda.is_available(),
+        )
+    except (ValueError, ImportError) as exc:
+        raise UserError(f"train: the settings cannot run here: {str(exc).strip().splitlines()[0]}") from None
+
+
+def check_max_length(recipe: Recipe) -> None:
+    """Refuse a data.max_length beyond the model's position limit (read from its config, no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            recipe.model.name_or_path,
+            revision=recipe.model.revision,
+            trust_remote_code=recipe.model.trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise UserError(f"cannot load model '{recipe.model.name_or_path}': {first}") from None
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and recipe.data.max_length > limit:
+        raise UserError(
+            f"data.max_length: {recipe.data.max_length} exceeds the model's maximum positions ({limit}); "
+            f"set data.max_length to {limit} or less"
+        )
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    losses: list[float]
+    samples: list[dict[str, str]]
+    resumed_from: Path | None
+
+
+def run_training(recipe: Recipe, say: Any = print) -> TrainResult:
+    """Train the recipe's adapter and fill its run directory. Input problems raise `UserError` before any write."""
+    from accelerate import PartialState
+
+    from lora_causal.data import make_tokenizer_step, prepare_data
+    from lora_causal.model import load_tokenizer
+    from lora_causal.rundir import RunDirectory
+
+    state = PartialState()
+    tokenizer = load_tokenizer(recipe.model)
+    check_max_length(recipe)
+    data = prepare_data(recipe.data, tokenizer, recipe.train.seed)
+    say(f"data: {data.train_report.summary()}")
+    if data.eval_report is not None:
+        say(f"eval data: {data.eval_report.summary()}")
+    run_dir = RunDirectory.plan(recipe.output.dir, recipe.fingerprint(), recipe.output.overwrite)
+    sft_config = build_sft_config(recipe, str(run_dir.checkpoints), has_eval=data.eval is not None)
+    render = make_tokenizer_step(tokenizer, recipe.data)
+    prompts = [render.render_prompt(text) for text in recipe.output.sample_prompts]
+    return _train(recipe, tokenizer, data, run_dir, sft_config, prompts, state.is_main_process, say)
+
+
+def _train(recipe, tokenizer, data, run_dir: RunDirectory, sft_config, prompts, is_main, say) -> TrainResult:  # noqa: ANN001, PLR0913
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from lora_causal.collator import CausalLMCollator
+    from lora_causal.generation import greedy_answers
+    from lora_causal.metrics import CountingCollator, MetricsCallback
+    from lora_causal.model import attach_lora, load_base_model, set_adapter_dtype, trainable_report
+    from lora_causal.rundir import base_manifest, now, write_json_atomic
+
+    model = attach_lora(load_base_model(recipe.model, recipe.quantization, recipe.train.seed), recipe.lora)
+    say(trainable_report(model))
+    before = greedy_answers(model, tokenizer, prompts, recipe.output.sample_max_new_tokens) if prompts else []
+
+    manifest = base_manifest(recipe.fingerprint(), recipe.train.seed, data.fingerprint, Path.cwd())
+    manifest["base_model"] = recipe.model.model_dump(mode="json")
+    if is_main:
+        run_dir.start(manifest, recipe.to_yaml())
+        write_json_atomic(run_dir.path / "data_report.json", data.as_dict())
+    if run_dir.resume_from is not None:
+        say(f"resuming from {run_dir.resume_from}")
+
+    collator = CountingCollator(
+        CausalLMCollator(
+            pad_token_id=tokenizer.pad_token_id,
+            mask_prompt=recipe.data.mask_prompt,
+            padding_free=recipe.train.padding_free,
+            pad_to_multiple_of=recipe.train.pad_to_multiple_of,
+        )
+    )
+    metrics = MetricsCallback(collator.meter, run_dir.path / "metrics.jsonl", is_main)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config,
+        data_collator=collator,
+        train_dataset=Dataset.from_list(data.train),
+        eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+        processing_class=tokenizer,
+        callbacks=[metrics],
+    )
+    set_adapter_dtype(model, recipe.lora.dtype)  # TRL stores adapters of quantized models in bf16; keep our choice
+    try:
+        trainer.train(resume_from_checkpoint=str(run_dir.resume_from) if run_dir.resume_from else None)
+    except BaseException as exc:
+        if is_main:
+            status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            run_dir.update_manifest({**manifest, "status": status, "error": f"{exc.__class__.__name__}: {exc}"})
+        raise
+
+    after = greedy_answers(model, tokenizer, prompts, recipe.output.sample_max_new_tokens) if prompts else []
+    samples = [
+        {"prompt": prompt, "before": b, "after": a}
+        for prompt, b, a in zip(recipe.output.sample_prompts, before, after)
+    ]
+    if is_main:
+        _save_adapter(model, tokenizer, run_dir.path / "adapter")
+        if samples:
+            write_json_atomic(run_dir.path / "samples.json", samples)
+        losses = metrics.losses()
+        manifest.update(
+            status="completed",
+            finished=now(),
+            global_step=trainer.state.global_step,
+            resumed_from=str(run_dir.resume_from) if run_dir.resume_from else None,
+            first_loss=losses[0] if losses else None,
+            last_loss=losses[-1] if losses else None,
+            adapter="adapter",
+        )
+        run_dir.update_manifest(manifest)
+    return TrainResult(run_dir.path, metrics.losses(), samples, run_dir.resume_from)
+
+
+def _save_adapter(model: Any, tokenizer: Any, target: Path) -> None:
+    """Write the adapter and tokenizer to a staging folder, then move it into place in one rename."""
+    import tempfile
+
+    from lora_causal.rundir import replace_dir_atomic
+
+    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    replace_dir_atomic(staging, target)
+
+
+def _public_fields(config: dict[str, Any]) -> dict[str, Any]:
+    return {key: str(value) if not isinstance(value, (bool, int, float, str, type(None))) else value
+            for key, value in config.items() if not key.startswith("_") and value is not None}
+
+
+def describe_configs(recipe: Recipe) -> dict[str, Any]:
+    """Build the BitsAndBytesConfig, LoraConfig and SFTConfig of a recipe (no weights) and summarise them."""
+    from lora_causal.model import build_lora_config, build_quantization_config, resolve_compute_dtype
+
+    compute_dtype = resolve_compute_dtype(recipe.quantization.compute_dtype)
+    quantization = build_quantization_config(recipe.quantization, compute_dtype)
+    lora = build_lora_config(recipe.lora)
+    sft = build_sft_config(recipe, str(Path(recipe.output.dir) / "checkpoints"), has_eval=recipe.data.eval is not None)
+    return {
+        "BitsAndBytesConfig": _public_fields(quantization.to_dict()) if quantization else None,
+        "LoraConfig": {
+            "r": lora.r,
+            "lora_alpha": lora.lora_alpha,
+            "lora_dropout": lora.lora_dropout,
+            "target_modules": lora.target_modules if isinstance(lora.target_modules, str) else sorted(lora.target_modules),
+            "use_rslora": lora.use_rslora,
+            "use_dora": lora.use_dora,
+            "bias": lora.bias,
+            "modules_to_save": lora.modules_to_save,
+        },
+        "SFTConfig": {
+            "per_device_train_batch_size": sft.per_device_train_batch_size,
+            "gradient_accumulation_steps": sft.gradient_accumulation_steps,
+            "learning_rate": sft.learning_rate,
+            "num_train_epochs": sft.num_train_epochs,
+            "max_steps": sft.max_steps,
+            "lr_scheduler_type": str(sft.lr_scheduler_type.value if hasattr(sft.lr_scheduler_type, "value") else sft.lr_scheduler_type),
+            "optim": str(sft.optim.value if hasattr(sft.optim, "value") else sft.optim),
+            "bf16": sft.bf16,
+            "fp16": sft.fp16,
+            "gradient_checkpointing": sft.gradient_checkpointing,
+            "gradient_checkpointing_kwargs": sft.gradient_checkpointing_kwargs,
+            "seed": sft.seed,
+            "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        },
+    }
