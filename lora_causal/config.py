@@ -341,6 +341,28 @@ def apply_override(tree: dict, assignment: str) -> tuple[str, ...]:
 # ---------------------------------------------------------------------------------------------------------
 # Validation errors
 
+# Names other tools (TRL, peft, axolotl) use for our keys: suggested in errors, never accepted silently.
+KNOWN_ALIASES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "lr": "learning_rate",
+    "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "output_dir": "dir",
+    "model_name_or_path": "name_or_path",
+    "base_model": "name_or_path",
+    "max_seq_length": "max_length",
+    "sequence_len": "max_length",
+    "bnb_4bit_compute_dtype": "compute_dtype",
+    "bnb_4bit_use_double_quant": "double_quant",
+    "bnb_4bit_quant_type": "mode",
+}
+
 
 def _section_fields(loc: tuple[Any, ...]) -> list[str]:
     """Valid keys of the schema section at `loc` (for did-you-mean suggestions)."""
@@ -367,7 +389,8 @@ def _format_error(error: dict[str, Any]) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         valid = _section_fields(loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        alias = KNOWN_ALIASES.get(str(loc[-1]))
+        close = [alias] if alias in valid else difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         hint = f" (did you mean '{close[0]}'?)" if close else (f" (valid keys: {', '.join(valid)})" if valid else "")
         return f"{path}: unknown key{hint}"
     if kind == "missing":
@@ -381,6 +404,11 @@ def _format_error(error: dict[str, Any]) -> str:
     message = error["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
+        # a section's rule that starts with one of its keys is reported at that key
+        first = re.split(r"[ :]", message, maxsplit=1)[0]
+        if first in _section_fields(loc) and message[len(first) :].startswith((" ", ":")):
+            path = f"{path}.{first}" if loc else first
+            message = message[len(first) :].lstrip(": ")
     got = error.get("input")
     shown = "" if kind == "value_error" or isinstance(got, (dict, list)) else f" (got {got!r})"
     return f"{path}: {message[0].lower() + message[1:]}{shown}"

@@ -6,8 +6,8 @@ import json
 import resource
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 @dataclass
 class TokenMeter:
-    """Running totals of the batches the collator has built (dataloader workers must be 0)."""
+    """Running totals of the batches training has consumed."""
 
     tokens: int = 0  # real (non-pad) tokens
     target_tokens: int = 0  # positions the loss scores
@@ -26,19 +26,6 @@ class TokenMeter:
         self.target_tokens += int((labels[..., 1:] != -100).sum())
         mask = batch.get("attention_mask")
         self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-
-
-@dataclass
-class CountingCollator:
-    """Calls a collator and records what each batch holds in a `TokenMeter`."""
-
-    collator: Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]
-    meter: TokenMeter = field(default_factory=TokenMeter)
-
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        batch = self.collator(features)
-        self.meter.add(batch)
-        return batch
 
 
 def peak_memory_gib() -> float:
@@ -54,7 +41,7 @@ def peak_memory_gib() -> float:
 class MetricsCallback(TrainerCallback):
     """Adds supervised tokens, tokens/s and peak memory to each training log and appends it to metrics.jsonl."""
 
-    def __init__(self, meter: TokenMeter, path: Path, is_main_process: bool) -> None:
+    def __init__(self, path: Path, is_main_process: bool, meter: TokenMeter) -> None:
         self.meter = meter
         self.path = path
         self.is_main_process = is_main_process

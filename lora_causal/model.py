@@ -153,10 +153,16 @@ def keep_4bit_weights_trainable(model: PreTrainedModel) -> int:
     return len(layers)
 
 
-def attach_lora(model: PreTrainedModel, section: LoraSection) -> PeftModel:
-    """Wrap the frozen base with a trainable LoRA adapter in the recipe's adapter dtype."""
-    from peft import get_peft_model
+def attach_lora(model: PreTrainedModel, section: LoraSection, seed: int) -> PeftModel:
+    """Wrap the frozen base with a trainable LoRA adapter in the recipe's adapter dtype.
 
+    LoRA A matrices start random, so the RNG is seeded first: the same recipe gives the same adapter whether it
+    runs through `lora-causal`, `python -m` or `accelerate launch`.
+    """
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    set_seed(seed)
     peft_model = get_peft_model(model, build_lora_config(section))
     set_adapter_dtype(peft_model, section.dtype)
     return peft_model

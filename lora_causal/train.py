@@ -6,6 +6,7 @@ truncating or re-labelling, and `remove_unused_columns=False` lets `prompt_lengt
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from lora_causal.errors import UserError
 if TYPE_CHECKING:
     from trl import SFTConfig
 
+    from lora_causal.metrics import TokenMeter
     from lora_causal.rundir import RunDirectory
 
 
@@ -120,17 +122,70 @@ def run_training(recipe: Recipe, say: Any = print) -> TrainResult:
     return _train(recipe, tokenizer, data, run_dir, sft_config, prompts, state.is_main_process, say)
 
 
-def _train(recipe, tokenizer, data, run_dir: RunDirectory, sft_config, prompts, is_main, say) -> TrainResult:  # noqa: ANN001, PLR0913
-    from datasets import Dataset
+@functools.cache
+def _trainer_class() -> type:
+    """SFTTrainer that counts the real and supervised tokens of every batch it trains on.
+
+    Counting in `training_step` sees exactly the trained batches; a collator-side count would run ahead of
+    training by the batch the dataloader prefetches.
+    """
     from trl import SFTTrainer
 
+    class CountingSFTTrainer(SFTTrainer):
+        def __init__(self, *args: Any, meter: TokenMeter | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.meter = meter
+
+        def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            if self.meter is not None:
+                self.meter.add(inputs)
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    return CountingSFTTrainer
+
+
+def build_trainer(  # noqa: PLR0913
+    recipe: Recipe,
+    model: Any,
+    tokenizer: Any,
+    data: Any,
+    sft_config: SFTConfig,
+    meter: TokenMeter | None = None,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """SFTTrainer over our tokenized examples and our collator (whose batches `meter` counts, if given)."""
+    from datasets import Dataset
+
     from lora_causal.collator import CausalLMCollator
+    from lora_causal.model import set_adapter_dtype
+
+    collator = CausalLMCollator(
+        pad_token_id=tokenizer.pad_token_id,
+        mask_prompt=recipe.data.mask_prompt,
+        padding_free=recipe.train.padding_free,
+        pad_to_multiple_of=recipe.train.pad_to_multiple_of,
+    )
+    trainer = _trainer_class()(
+        meter=meter,
+        model=model,
+        args=sft_config,
+        data_collator=collator,
+        train_dataset=Dataset.from_list(data.train),
+        eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    set_adapter_dtype(model, recipe.lora.dtype)  # TRL stores adapters of quantized models in bf16; keep our choice
+    return trainer
+
+
+def _train(recipe, tokenizer, data, run_dir: RunDirectory, sft_config, prompts, is_main, say) -> TrainResult:  # noqa: ANN001, PLR0913
     from lora_causal.generation import greedy_answers
-    from lora_causal.metrics import CountingCollator, MetricsCallback
-    from lora_causal.model import attach_lora, load_base_model, set_adapter_dtype, trainable_report
+    from lora_causal.metrics import MetricsCallback, TokenMeter
+    from lora_causal.model import attach_lora, load_base_model, trainable_report
     from lora_causal.rundir import base_manifest, now, write_json_atomic
 
-    model = attach_lora(load_base_model(recipe.model, recipe.quantization, recipe.train.seed), recipe.lora)
+    model = attach_lora(load_base_model(recipe.model, recipe.quantization, recipe.train.seed), recipe.lora, recipe.train.seed)
     say(trainable_report(model))
     before = greedy_answers(model, tokenizer, prompts, recipe.output.sample_max_new_tokens) if prompts else []
 
@@ -142,25 +197,9 @@ def _train(recipe, tokenizer, data, run_dir: RunDirectory, sft_config, prompts, 
     if run_dir.resume_from is not None:
         say(f"resuming from {run_dir.resume_from}")
 
-    collator = CountingCollator(
-        CausalLMCollator(
-            pad_token_id=tokenizer.pad_token_id,
-            mask_prompt=recipe.data.mask_prompt,
-            padding_free=recipe.train.padding_free,
-            pad_to_multiple_of=recipe.train.pad_to_multiple_of,
-        )
-    )
-    metrics = MetricsCallback(collator.meter, run_dir.path / "metrics.jsonl", is_main)
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config,
-        data_collator=collator,
-        train_dataset=Dataset.from_list(data.train),
-        eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
-        processing_class=tokenizer,
-        callbacks=[metrics],
-    )
-    set_adapter_dtype(model, recipe.lora.dtype)  # TRL stores adapters of quantized models in bf16; keep our choice
+    meter = TokenMeter()
+    metrics = MetricsCallback(run_dir.path / "metrics.jsonl", is_main, meter)
+    trainer = build_trainer(recipe, model, tokenizer, data, sft_config, meter=meter, callbacks=[metrics])
     try:
         trainer.train(resume_from_checkpoint=str(run_dir.resume_from) if run_dir.resume_from else None)
     except BaseException as exc:

@@ -1,0 +1,115 @@
+"""Shared fixtures: offline environment, a tiny tokenizer and Llama-shaped model saved to disk, recipe helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = [
+    "the dog likes food",
+    "the cat likes milk",
+    "Q: What is two plus two?\nA: four.",
+    "Q: What color is the sky?\nA: blue.",
+    "Q: What do cows drink?\nA: water.",
+    "hello world, this is a tiny corpus for a tiny tokenizer",
+    "system user assistant You are helpful. Hi there! Hello! How are you? Fine, thanks.",
+]
+QA_ROWS = [
+    {"prompt": "Q: What is two plus two?\nA:", "completion": " four."},
+    {"prompt": "Q: What color is the sky?\nA:", "completion": " blue."},
+    {"prompt": "Q: What do cows drink?\nA:", "completion": " water."},
+    {"prompt": "Q: What does the dog like?\nA:", "completion": " food."},
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["LORA_CAUSAL_CACHE"] = str(tmp_path_factory.mktemp("lora-causal-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny Llama (random weights, init range 0.1) with a byte-level BPE tokenizer and chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_causal.synthetic import train_tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = train_tiny_tokenizer(CORPUS, vocab_size=300)
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def base_recipe(model_dir: Path, data_path: Path, output_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A small valid recipe tree; keyword sections are merged over the defaults."""
+    recipe: dict[str, Any] = {
+        "recipe_version": 1,
+        "model": {"name_or_path": str(model_dir)},
+        "quantization": {"mode": "nf4"},
+        "lora": {"r": 8, "alpha": 16},
+        "data": {"train": {"path": str(data_path), "format": "prompt_completion"}, "max_length": 64},
+        "train": {"max_steps": 4, "micro_batch_size": 2, "learning_rate": 1.0e-3, "logging_steps": 1, "seed": 0},
+        "output": {"dir": str(output_dir), "save_steps": 2},
+    }
+    for name, values in sections.items():
+        recipe[name] = {**recipe.get(name, {}), **values}
+    return recipe
+
+
+def write_recipe(path: Path, tree: Any) -> Path:
+    path.write_text(yaml.safe_dump(tree, sort_keys=False) if not isinstance(tree, str) else tree, encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """Run `python -m lora_causal ARGS` in a fresh process, as a user would."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "lora_causal", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        env=env,
+        timeout=timeout,
+    )

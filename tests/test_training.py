@@ -1,0 +1,157 @@
+"""Training on a tiny 4-bit model: LoRA weights change, base weights do not, outputs land in the run directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import QA_ROWS, base_recipe, write_jsonl, write_recipe
+from lora_causal.config import Recipe, load_recipe
+from lora_causal.data import prepare_data
+from lora_causal.model import attach_lora, load_base_model, load_tokenizer
+from lora_causal.train import build_sft_config, build_trainer, run_training
+
+
+def _recipe(tmp_path: Path, model_dir: Path, **sections) -> Recipe:
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS * 2)
+    path = write_recipe(tmp_path / "recipe.yaml", base_recipe(model_dir, data, tmp_path / "run", **sections))
+    return load_recipe(path)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the model (4-bit packed weights and their quantization statistics included), copied."""
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def test_training_changes_every_lora_weight_and_no_base_weight(tmp_path: Path, tiny_model_dir: Path) -> None:
+    recipe = _recipe(tmp_path, tiny_model_dir, train={"max_steps": 3, "logging_steps": 1})
+    tokenizer = load_tokenizer(recipe.model)
+    data = prepare_data(recipe.data, tokenizer, recipe.train.seed)
+    model = attach_lora(load_base_model(recipe.model, recipe.quantization, recipe.train.seed), recipe.lora, 0)
+    assert model.base_model.model.is_loaded_in_4bit
+    before = _state(model)
+    trainer = build_trainer(recipe, model, tokenizer, data, build_sft_config(recipe, str(tmp_path / "ckpt"), False))
+    trainer.train()
+    after = _state(model)
+
+    lora = [name for name in before if "lora_" in name]
+    base = [name for name in before if "lora_" not in name]
+    assert len(lora) == 2 * 7 * 2  # lora_A and lora_B of 7 linear layers in each of 2 blocks (all-linear)
+    assert any(".absmax" in name or "quant_state" in name for name in base)  # the 4-bit statistics are compared too
+    unchanged_lora = [name for name in lora if torch.equal(before[name], after[name])]
+    changed_base = [name for name in base if not torch.equal(before[name], after[name])]
+    assert unchanged_lora == []
+    assert changed_base == []
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_evaluation_does_not_stop_gradients_through_4bit_layers(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """bitsandbytes repacks 4-bit weights for CPU inference after an eval forward; training must not notice."""
+    recipe = _recipe(tmp_path, tiny_model_dir)
+    tokenizer = load_tokenizer(recipe.model)
+    model = attach_lora(load_base_model(recipe.model, recipe.quantization, 0), recipe.lora, 0)
+    model.enable_input_require_grads()
+    ids = torch.tensor([tokenizer("the dog likes food")["input_ids"]])
+    first_layer_a = next(p for n, p in model.named_parameters() if "layers.0.self_attn.q_proj.lora_A" in n)
+    with torch.no_grad():  # make lora_B non-zero so gradients reach lora_A
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+
+    def grad_of_first_layer() -> torch.Tensor:
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return first_layer_a.grad.detach().clone()
+
+    reference = grad_of_first_layer()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert reference.abs().sum() > 0
+    assert torch.allclose(grad_of_first_layer(), reference, atol=1e-6)
+
+
+def test_run_directory_holds_adapter_recipe_manifest_and_metrics(tmp_path: Path, tiny_model_dir: Path) -> None:
+    recipe = _recipe(tmp_path, tiny_model_dir, output={"sample_prompts": ["Q: What color is the sky?\nA:"]})
+    result = run_training(recipe, say=lambda *_: None)
+    run = result.run_dir
+    assert sorted(p.name for p in run.iterdir()) == [
+        "adapter", "checkpoints", "data_report.json", "manifest.json", "metrics.jsonl", "recipe.yaml", "samples.json"
+    ]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "adapter" / "tokenizer.json").is_file()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["global_step"] == 4
+    assert manifest["seed"] == 0 and len(manifest["dataset_fingerprint"]) == 64
+    assert {"torch", "transformers", "trl", "peft", "bitsandbytes"} <= set(manifest["versions"])
+    assert load_recipe(run / "recipe.yaml").fingerprint() == recipe.fingerprint()  # the resolved recipe reloads
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_logs = [r for r in records if "loss" in r]
+    assert len(train_logs) == 4
+    assert all(r["supervised_tokens"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_gib"] > 0 for r in train_logs)
+    assert train_logs[-1]["supervised_tokens"] > train_logs[0]["supervised_tokens"]
+    assert json.loads((run / "samples.json").read_text())[0].keys() == {"prompt", "before", "after"}
+
+
+def test_saved_adapter_reproduces_the_trained_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from peft import PeftModel
+
+    recipe = _recipe(tmp_path, tiny_model_dir)
+    tokenizer = load_tokenizer(recipe.model)
+    data = prepare_data(recipe.data, tokenizer, recipe.train.seed)
+    model = attach_lora(load_base_model(recipe.model, recipe.quantization, 0), recipe.lora, 0)
+    build_trainer(recipe, model, tokenizer, data, build_sft_config(recipe, str(tmp_path / "ckpt"), False)).train()
+    model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([tokenizer("the dog likes food")["input_ids"]])
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(load_base_model(recipe.model, recipe.quantization, 0), tmp_path / "adapter")
+        reloaded.eval()
+        assert torch.allclose(reloaded(input_ids=ids).logits, expected, atol=1e-5)
+
+
+def test_rerun_resumes_from_the_last_checkpoint_and_matches(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from safetensors.torch import load_file
+
+    recipe = _recipe(tmp_path, tiny_model_dir, train={"max_steps": 4, "logging_steps": 1}, output={"save_steps": 2})
+    run_training(recipe, say=lambda *_: None)
+    run = Path(recipe.output.dir)
+    uninterrupted = load_file(run / "adapter" / "adapter_model.safetensors")
+
+    # make it look like a run killed after its step-2 checkpoint
+    shutil.rmtree(run / "adapter")
+    shutil.rmtree(run / "checkpoints" / "checkpoint-4")
+    manifest = json.loads((run / "manifest.json").read_text())
+    (run / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+
+    result = run_training(recipe, say=lambda *_: None)
+    assert result.resumed_from is not None and result.resumed_from.name == "checkpoint-2"
+    resumed = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert torch.allclose(resumed[name], uninterrupted[name], atol=1e-6), name
+
+
+def test_padding_free_training_runs_with_the_same_supervised_tokens(tmp_path: Path, tiny_model_dir: Path) -> None:
+    losses = {}
+    for padding_free in (False, True):
+        folder = tmp_path / f"padding_free_{padding_free}"
+        folder.mkdir()
+        recipe = _recipe(
+            folder, tiny_model_dir,
+            train={"max_steps": 2, "logging_steps": 1, "padding_free": padding_free, "learning_rate": 1.0e-4},
+        )
+        result = run_training(recipe, say=lambda *_: None)
+        records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in records if "loss" in r]
+        losses[padding_free] = ([r["loss"] for r in steps], steps[-1]["supervised_tokens"])
+    (padded_losses, padded_tokens), (packed_losses, packed_tokens) = losses[False], losses[True]
+    assert padded_tokens == packed_tokens
+    # same examples per step, same loss normalisation: block-diagonal attention makes the losses agree
+    assert padded_losses == pytest.approx(packed_losses, abs=2e-3)
