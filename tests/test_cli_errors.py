@@ -86,6 +86,10 @@ CASES: dict[str, Case] = {
     "unknown hub model offline": _recipe_case(
         lambda t, _: _edit(t, "model.name_or_path", "nobody/no-such-model"), r"cannot load a tokenizer from 'nobody/no-such-model'"
     ),
+    "unknown hub dataset offline": _recipe_case(
+        lambda t, _: _edit(t, "data.train.path", "nobody/no-such-dataset"),
+        r"data\.train: 'nobody/no-such-dataset' is not a local file and could not be loaded from the Hub",
+    ),
     "max_length beyond the model": _recipe_case(
         lambda t, _: _edit(t, "data.max_length", 4096), r"data\.max_length: 4096 exceeds the model's maximum positions \(128\)"
     ),

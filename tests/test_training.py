@@ -155,3 +155,24 @@ def test_padding_free_training_runs_with_the_same_supervised_tokens(tmp_path: Pa
     assert padded_tokens == packed_tokens
     # same examples per step, same loss normalisation: block-diagonal attention makes the losses agree
     assert padded_losses == pytest.approx(packed_losses, abs=2e-3)
+
+
+@pytest.mark.parametrize(
+    ("quantization", "lora"),
+    [
+        ({"mode": "int8", "double_quant": False}, {}),
+        ({"mode": "none", "double_quant": False}, {}),
+        ({"mode": "nf4"}, {"use_dora": True}),
+        ({"mode": "nf4"}, {"use_rslora": True, "bias": "lora_only", "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}),
+    ],
+    ids=["int8", "unquantized", "nf4-dora", "nf4-rslora-bias-subset"],
+)
+def test_other_quantization_modes_and_lora_options_train(
+    tmp_path: Path, tiny_model_dir: Path, quantization: dict, lora: dict
+) -> None:
+    recipe = _recipe(tmp_path, tiny_model_dir, quantization=quantization, lora=lora, train={"max_steps": 2})
+    result = run_training(recipe, say=lambda *_: None)
+    assert len(result.losses) == 2 and all(loss == loss for loss in result.losses)  # finite, not NaN
+    config = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] == lora.get("use_dora", False)
+    assert config["use_rslora"] == lora.get("use_rslora", False)
