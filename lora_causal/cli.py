@@ -1,4 +1,4 @@
-"""`lora-causal {train,validate}`: argument parsing and dispatch only.
+"""`lora-causal {train,validate,merge,generate}`: argument parsing and dispatch only.
 
 Problems with the user's input (`UserError`) print one line on stderr and exit with status 2.
 """
@@ -36,6 +36,26 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a recipe and build its configs without loading weights")
     validate.add_argument("recipe", help="path to a YAML recipe")
     validate.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+
+    merge = commands.add_parser("merge", help="merge an adapter into its base model and measure the merge")
+    merge.add_argument("source", metavar="RUN_DIR_OR_ADAPTER", help="a run directory or an adapter folder")
+    merge.add_argument("--out", required=True, help="folder for the merged model (must be new or empty)")
+    merge.add_argument("--base", choices=["original", "nf4-roundtrip"], default="original",
+                       help="original: pristine base weights (serving); nf4-roundtrip: the NF4 weights training saw")
+    merge.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    merge.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    merge.add_argument("--prompt", action="append", default=[], help="a prompt to measure on (repeatable)")
+    merge.add_argument("--num-prompts", type=int, default=8, help="examples drawn from the run's data otherwise")
+    merge.add_argument("--base-model", help="override the base model named by the run or adapter")
+    merge.add_argument("--revision", help="revision of --base-model")
+
+    generate = commands.add_parser("generate", help="sample from a merged model, a run directory or an adapter")
+    generate.add_argument("source", metavar="MODEL_DIR_OR_RUN_DIR")
+    generate.add_argument("--prompt", required=True, help="rendered like the training prompts (see --raw)")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--raw", action="store_true", help="tokenize the prompt as is, without the training format")
     return parser
 
 
@@ -73,7 +93,7 @@ def _train(recipe_path: str, overrides: Sequence[str]) -> None:
     from lora_causal.config import load_recipe
     from lora_causal.train import run_training
 
-    console = Console(highlight=False)
+    console = Console(highlight=False, soft_wrap=True)
     recipe = load_recipe(recipe_path, overrides)
     result = run_training(recipe, say=console.print)
     if result.losses:
@@ -91,6 +111,32 @@ def _train(recipe_path: str, overrides: Sequence[str]) -> None:
             table.add_row(sample["prompt"], sample["before"], sample["after"])
         console.print(table)
     console.print(f"adapter saved to {result.run_dir / 'adapter'}")
+    if result.merge_report is not None:
+        from lora_causal.merge import format_report
+
+        console.print(format_report(result.merge_report))
+        console.print(f"merged model saved to {result.merge_report['out']}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from lora_causal.merge import format_report, merge_adapter
+
+    if args.num_prompts < 1:
+        raise UserError("--num-prompts must be at least 1")
+    report = merge_adapter(
+        args.source, args.out, base=args.base, dtype_name=args.dtype, force=args.force, prompts=args.prompt,
+        num_prompts=args.num_prompts, base_model=args.base_model, revision=args.revision,
+    )
+    print(format_report(report))
+    print(f"merged model saved to {args.out}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from lora_causal.generation import generate_text
+
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    print(generate_text(args.source, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.raw))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,6 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "validate":
             _validate(args.recipe, args.overrides)
+        elif args.command == "merge":
+            _merge(args)
+        elif args.command == "generate":
+            _generate(args)
         else:
             _train(args.recipe, args.overrides)
     except UserError as exc:

@@ -180,6 +180,15 @@ class TrainSection(_Section):
         return self
 
 
+class MergeSection(_Section):
+    """Merge the adapter into its base at the end of training (see `lora-causal merge`)."""
+
+    base: Literal["original", "nf4-roundtrip"] = "original"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    dir: str = Field(default="merged", min_length=1)  # inside output.dir unless absolute
+    num_prompts: PositiveInt = 8  # examples of the run's data the fidelity report is measured on
+
+
 class OutputSection(_Section):
     dir: str = Field(min_length=1)
     overwrite: bool = False  # replace a finished run in dir (an unfinished run of the same recipe resumes)
@@ -188,6 +197,7 @@ class OutputSection(_Section):
     sample_prompts: list[str] = []  # answered before and after training, to show what the model learned
     sample_max_new_tokens: PositiveInt = 32
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = []
+    merge: MergeSection | None = None
 
 
 class Recipe(_Section):
@@ -214,7 +224,7 @@ class Recipe(_Section):
     def fingerprint(self) -> str:
         """A short hash of the resolved recipe, minus fields that do not change what is trained."""
         data = self.model_dump(mode="json")
-        for key in ("overwrite", "sample_prompts", "sample_max_new_tokens", "report_to"):
+        for key in ("overwrite", "sample_prompts", "sample_max_new_tokens", "report_to", "merge"):
             data["output"].pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -174,6 +174,32 @@ def _read_hub(name: str, split: str, where: str) -> list[tuple[str, Any]]:
 # Tokenizing one row
 
 
+def fill_alpaca_template(instruction: str, extra: str, template: str | None = None) -> str:
+    """The alpaca prompt for an instruction and optional input (Stanford Alpaca templates by default)."""
+    template = template or (ALPACA_TEMPLATE if extra else ALPACA_TEMPLATE_NO_INPUT)
+    values = {"instruction": instruction, "input": extra}
+    return re.sub(r"\{(instruction|input)\}", lambda match: values[match.group(1)], template)
+
+
+def chat_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    """Token ids of messages rendered by the tokenizer's chat template (which carries its own special tokens)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def render_prompt_ids(tokenizer: PreTrainedTokenizerBase, fmt: str | None, text: str, template: str | None = None) -> list[int]:
+    """Token ids of a user prompt rendered the way training rendered prompts of format `fmt`.
+
+    messages: a user turn plus the generation prompt; alpaca: the instruction in the template; others: the text
+    with the tokenizer's special tokens.
+    """
+    if fmt == "messages":
+        return chat_ids(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
+    if fmt == "alpaca":
+        text = fill_alpaca_template(text, "", template)
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
 class _Tokenize:
     """Turns rows of one format into (input_ids, prompt_length, target_mask | None)."""
 
@@ -209,11 +235,7 @@ class _Tokenize:
 
     def render_prompt(self, text: str) -> list[int]:
         """Token ids of a sample prompt as training would have rendered it (for before/after answers)."""
-        if self.fmt == "messages":
-            return self._chat_ids([{"role": "user", "content": text}], add_generation_prompt=True)
-        if self.fmt == "alpaca":
-            return self._ids(self._fill_template(text, ""), special=True)
-        return self._ids(text, special=True)
+        return render_prompt_ids(self.tokenizer, self.fmt, text, self.template)
 
     def _ids(self, text: str, special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
@@ -237,21 +259,10 @@ class _Tokenize:
             raise UserError(f"{self.where}: {location}: '{column}' must be text, got {type(value).__name__}")
         return value
 
-    def _fill_template(self, instruction: str, extra: str) -> str:
-        template = self.template or (ALPACA_TEMPLATE if extra else ALPACA_TEMPLATE_NO_INPUT)
-        values = {"instruction": instruction, "input": extra}
-        return re.sub(r"\{(instruction|input)\}", lambda match: values[match.group(1)], template)
-
     def _alpaca_prompt(self, location: str, row: dict) -> str:
         instruction = self._field(location, row, "instruction")
         extra = self._field(location, row, "input", optional=True)
-        return self._fill_template(instruction, extra)
-
-    def _chat_ids(self, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-        return self._ids(text, special=False)
+        return fill_alpaca_template(instruction, extra, self.template)
 
     def _messages(self, location: str, row: dict) -> tuple[list[int], int, list[int] | None]:
         column = self.columns["messages"]
@@ -270,13 +281,13 @@ class _Tokenize:
             if not isinstance(message.get("content"), str):
                 raise UserError(f"{self.where}: {location}: message {turn} content must be text")
             clean.append({"role": message["role"], "content": message["content"]})
-        full = self._chat_ids(clean, add_generation_prompt=False)
+        full = chat_ids(self.tokenizer, clean, add_generation_prompt=False)
         target_mask = [0] * len(full)
         for turn, message in enumerate(clean):
             if message["role"] != "assistant":
                 continue
-            before = self._chat_ids(clean[:turn], add_generation_prompt=True) if turn else []
-            through = self._chat_ids(clean[: turn + 1], add_generation_prompt=False)
+            before = chat_ids(self.tokenizer, clean[:turn], add_generation_prompt=True) if turn else []
+            through = chat_ids(self.tokenizer, clean[: turn + 1], add_generation_prompt=False)
             if full[: len(before)] != before or full[: len(through)] != through or len(through) <= len(before):
                 raise UserError(
                     f"{self.where}: {location}: the chat template renders assistant turn {turn} differently once "

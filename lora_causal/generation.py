@@ -1,8 +1,12 @@
-"""Greedy answers to prompts, to show what a model says before and after training."""
+"""Answers from a model: greedy before/after samples during training, and `lora-causal generate`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lora_causal.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -28,10 +32,66 @@ def greedy_answers(
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     use_cache=True,
-                    pad_token_id=tokenizer.pad_token_id,
+                    pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
                     eos_token_id=tokenizer.eos_token_id,
                 )
                 answers.append(tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip())
     finally:
         model.train(was_training)
     return answers
+
+
+def load_for_generation(path: str) -> tuple[Any, Any, str | None, str | None]:
+    """(model, tokenizer, prompt format, template) from a merged/plain model folder, a run directory or an adapter.
+
+    A run directory or adapter runs as trained: the 4-bit base with the adapter on top.
+    """
+    from lora_causal.merge import REPORT, adapter_tokenizer, check_adapter_fits, locate_adapter, with_adapter
+    from lora_causal.model import load_base_model
+
+    folder = Path(path).expanduser()
+    is_adapter = (folder / "adapter_config.json").is_file() or (folder / "manifest.json").is_file()
+    if folder.is_dir() and (folder / "config.json").is_file() and not is_adapter:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from lora_causal.model import device_map_for_process
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map=device_map_for_process())
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot load a model from '{folder}': {str(exc).strip().splitlines()[0]}") from None
+        report = folder / REPORT
+        fmt = json.loads(report.read_text(encoding="utf-8")).get("prompt_format") if report.is_file() else None
+        return model, tokenizer, fmt, None
+    source = locate_adapter(str(folder))
+    check_adapter_fits(source)
+    tokenizer = adapter_tokenizer(source)
+    model = with_adapter(load_base_model(source.model, source.quantization, source.seed), source.adapter)
+    train = source.recipe.data.train if source.recipe else None
+    return model, tokenizer, train.format if train else None, train.template if train else None
+
+
+def generate_text(  # noqa: PLR0913
+    path: str, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0, raw: bool = False
+) -> str:
+    """Sample a continuation of `prompt` (rendered like the training prompts unless `raw`)."""
+    import torch
+    from transformers import set_seed
+
+    from lora_causal.data import render_prompt_ids
+
+    model, tokenizer, fmt, template = load_for_generation(path)
+    ids = render_prompt_ids(tokenizer, None if raw else fmt, prompt, template)
+    if temperature <= 0:
+        return greedy_answers(model, tokenizer, [ids], max_new_tokens)[0]
+    set_seed(seed)
+    model.eval()
+    input_ids = torch.tensor([ids], device=next(model.parameters()).device)
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+            do_sample=True, temperature=temperature, use_cache=True,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True).strip()

@@ -98,6 +98,7 @@ class TrainResult:
     losses: list[float]
     samples: list[dict[str, str]]
     resumed_from: Path | None
+    merge_report: dict[str, Any] | None = None
 
 
 def run_training(recipe: Recipe, say: Any = print) -> TrainResult:
@@ -119,7 +120,10 @@ def run_training(recipe: Recipe, say: Any = print) -> TrainResult:
     sft_config = build_sft_config(recipe, str(run_dir.checkpoints), has_eval=data.eval is not None)
     render = make_tokenizer_step(tokenizer, recipe.data)
     prompts = [render.render_prompt(text) for text in recipe.output.sample_prompts]
-    return _train(recipe, tokenizer, data, run_dir, sft_config, prompts, state.is_main_process, say)
+    result = _train(recipe, tokenizer, data, run_dir, sft_config, prompts, state.is_main_process, say)
+    if state.is_main_process and recipe.output.merge is not None:
+        result.merge_report = _merge_run(recipe, result.run_dir, say)
+    return result
 
 
 @functools.cache
@@ -229,6 +233,21 @@ def _train(recipe, tokenizer, data, run_dir: RunDirectory, sft_config, prompts, 
         )
         run_dir.update_manifest(manifest)
     return TrainResult(run_dir.path, metrics.losses(), samples, run_dir.resume_from)
+
+
+def _merge_run(recipe: Recipe, run_dir: Path, say: Any) -> dict[str, Any]:
+    """output.merge: merge the finished run's adapter (its own failure leaves the adapter in place)."""
+    import gc
+
+    from lora_causal.merge import merge_adapter
+
+    settings = recipe.output.merge
+    target = Path(settings.dir) if Path(settings.dir).is_absolute() else run_dir / settings.dir
+    gc.collect()  # the training model went out of scope with _train; free it before loading the base again
+    return merge_adapter(
+        str(run_dir), str(target), base=settings.base, dtype_name=settings.dtype, force=True,
+        num_prompts=settings.num_prompts, say=say,
+    )
 
 
 def _save_adapter(model: Any, tokenizer: Any, target: Path) -> None:

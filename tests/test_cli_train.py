@@ -29,6 +29,13 @@ def test_demo_recipe_learns_its_answers(tmp_path: Path) -> None:
     assert all(s["before"] != s["after"] for s in samples)
     assert "loss: " in result.stdout and "after training" in result.stdout
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    # output.merge: the NF4-roundtrip merge reproduces the model as trained, and answers the same
+    report = json.loads((run / "merged" / "merge_report.json").read_text())
+    assert report["base"] == "nf4-roundtrip" and report["verdict"].startswith("faithful")
+    assert "verdict: faithful" in result.stdout
+    answer = run_cli("generate", str(run / "merged"), "--prompt", "Q: What is the capital of Italy?\nA:")
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    assert answer.stdout.strip() == "Rome."
 
 
 def test_validate_prints_the_resolved_recipe_through_the_console_script() -> None:
