@@ -1,4 +1,4 @@
-"""`lora-causal {train,validate,merge,generate}`: argument parsing and dispatch only.
+"""`lora-causal {train,validate,inspect,merge,generate}`: argument parsing and dispatch only.
 
 Problems with the user's input (`UserError`) print one line on stderr and exit with status 2.
 """
@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a recipe and build its configs without loading weights")
     validate.add_argument("recipe", help="path to a YAML recipe")
     validate.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+
+    inspect = commands.add_parser("inspect", help="show which tokens are trained, dataset statistics and label checks")
+    inspect.add_argument("recipe", help="path to a YAML recipe")
+    inspect.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    inspect.add_argument("--n", type=int, default=5, help="examples to show (default 5)")
+    inspect.add_argument("--html", help="also write a self-contained HTML page here")
+    inspect.add_argument("--png", help="also write the length histogram as a PNG here")
 
     merge = commands.add_parser("merge", help="merge an adapter into its base model and measure the merge")
     merge.add_argument("source", metavar="RUN_DIR_OR_ADAPTER", help="a run directory or an adapter folder")
@@ -118,6 +125,25 @@ def _train(recipe_path: str, overrides: Sequence[str]) -> None:
         console.print(f"merged model saved to {result.merge_report['out']}")
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from lora_causal.checks import enforce
+    from lora_causal.config import load_recipe
+    from lora_causal.inspection import inspect_recipe
+
+    if args.n < 1:
+        raise UserError("--n must be at least 1")
+    recipe = load_recipe(args.recipe, args.overrides)
+    console = Console(highlight=False, soft_wrap=False, width=None)
+    findings = inspect_recipe(recipe, args.n, console, Path(args.html) if args.html else None,
+                              Path(args.png) if args.png else None)
+    enforce(findings)  # a failed check is reported once more, as the one error line, with exit status 2
+    return 0
+
+
 def _merge(args: argparse.Namespace) -> None:
     from lora_causal.merge import format_report, merge_adapter
 
@@ -145,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "validate":
             _validate(args.recipe, args.overrides)
+        elif args.command == "inspect":
+            _inspect(args)
         elif args.command == "merge":
             _merge(args)
         elif args.command == "generate":

@@ -200,6 +200,15 @@ class OutputSection(_Section):
     merge: MergeSection | None = None
 
 
+class ChecksSection(_Section):
+    """Label guardrails, run on a sample before every training run and by `lora-causal inspect`."""
+
+    sample_size: PositiveInt = 512  # examples whose labels are built and checked
+    max_truncated_share: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.2
+    max_boundary_mismatch_share: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.1
+    skip: list[Literal["eos", "end_of_turn", "boundary", "truncation"]] = []
+
+
 class Recipe(_Section):
     """A whole recipe. Paths in it are already resolved (absolute) once it is built by `load_recipe`."""
 
@@ -210,6 +219,7 @@ class Recipe(_Section):
     data: DataSection
     train: TrainSection = TrainSection()
     output: OutputSection
+    checks: ChecksSection = ChecksSection()
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> Recipe:

@@ -18,7 +18,7 @@ import json
 import math
 import random
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,9 @@ ALPACA_TEMPLATE_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+MODEL_FIELDS = ("input_ids", "prompt_length", "target_mask")  # what reaches the collator; "row" stays behind
+MAX_LISTED = 20  # row locations kept per finding
+BOUNDARY_SAMPLE = 256  # rows whose prompt/completion boundary is compared with joint tokenization
 
 Example = dict[str, Any]
 
@@ -54,6 +57,10 @@ class DataReport:
     tokens: int = 0
     target_tokens: int = 0
     longest: int = 0
+    truncated_rows: list[str] = field(default_factory=list)  # locations, first MAX_LISTED
+    boundary_checked: int = 0  # prompt/completion rows whose boundary tokenization was compared
+    boundary_mismatches: int = 0
+    boundary_mismatch_rows: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         share = self.target_tokens / max(self.tokens, 1)
@@ -134,15 +141,19 @@ def _read_csv(file: Path, where: str) -> list[tuple[str, Any]]:
         header = next(reader, None)
         if header is None:
             return []
-        for record in reader:
+        while True:
+            start = reader.line_num + 1  # a quoted field may span lines: report where the record starts
+            record = next(reader, None)
+            if record is None:
+                break
             if not any(cell.strip() for cell in record):
                 continue
             if len(record) != len(header):
                 raise UserError(
-                    f"{where}: {file.name} line {reader.line_num}: {len(record)} fields, but the header has "
+                    f"{where}: {file.name} line {start}: {len(record)} fields, but the header has "
                     f"{len(header)}; quote fields that contain commas"
                 )
-            rows.append((f"line {reader.line_num}", dict(zip(header, record))))
+            rows.append((f"line {start}", dict(zip(header, record))))
     return rows
 
 
@@ -215,6 +226,22 @@ class _Tokenize:
                 f"{where}: format 'messages' needs a tokenizer with a chat template, and this one has none; "
                 "use a chat model's tokenizer or convert the data to prompt_completion"
             )
+
+    def boundary_agrees(self, row: dict) -> bool | None:
+        """Whether tokenizing prompt + completion as one text gives the same ids as tokenizing them apart.
+
+        Training uses the split tokenization (the one inference sees: the prompt is tokenized alone); a
+        disagreement means the completion's first token is one the tokenizer would merge with the prompt.
+        None for formats without a prompt/completion boundary.
+        """
+        if self.fmt not in ("prompt_completion", "alpaca"):
+            return None
+        if self.fmt == "alpaca":
+            prompt, completion = self._alpaca_prompt("", row), self._field("", row, "output")
+        else:
+            prompt, completion = self._field("", row, "prompt"), self._field("", row, "completion")
+        split = self._ids(prompt, special=True) + self._ids(completion, special=False)
+        return self._ids(prompt + completion, special=True) == split
 
     def __call__(self, location: str, row: Any) -> tuple[list[int], int, list[int] | None]:
         if not isinstance(row, dict):
@@ -320,13 +347,23 @@ def tokenize_rows(
     """Tokenize, truncate and filter rows into training examples, with a report of what happened."""
     report = DataReport(rows=len(rows))
     examples: list[Example] = []
-    for location, row in rows:
+    for index, (location, row) in enumerate(rows):
         ids, prompt_length, target_mask = tokenize(location, row)
+        if index < BOUNDARY_SAMPLE:
+            agrees = tokenize.boundary_agrees(row)
+            if agrees is not None:
+                report.boundary_checked += 1
+                if not agrees:
+                    report.boundary_mismatches += 1
+                    if len(report.boundary_mismatch_rows) < MAX_LISTED:
+                        report.boundary_mismatch_rows.append(location)
         if len(ids) > data.max_length:
             if data.truncation == "drop":
                 report.dropped_too_long += 1
                 continue
             report.truncated += 1
+            if len(report.truncated_rows) < MAX_LISTED:
+                report.truncated_rows.append(location)
             if data.truncation == "keep_start":
                 ids = ids[: data.max_length]
                 target_mask = target_mask[: data.max_length] if target_mask is not None else None
@@ -340,7 +377,7 @@ def tokenize_rows(
         if targets == 0:
             report.dropped_no_targets += 1
             continue
-        example: Example = {"input_ids": ids, "prompt_length": prompt_length}
+        example: Example = {"input_ids": ids, "prompt_length": prompt_length, "row": location}
         if target_mask is not None:
             example["target_mask"] = target_mask
         examples.append(example)
@@ -365,6 +402,11 @@ def _check_not_empty(report: DataReport, data: DataSection, where: str) -> None:
             f"data.max_length={data.max_length}); raise data.max_length, use data.truncation: keep_end, or check "
             "that completions are not empty"
         )
+
+
+def model_columns(examples: list[Example]) -> list[Example]:
+    """The examples with only the fields the collator reads (drops bookkeeping such as "row")."""
+    return [{key: example[key] for key in MODEL_FIELDS if key in example} for example in examples]
 
 
 def dataset_fingerprint(*parts: list[Example] | None) -> str:

@@ -105,6 +105,7 @@ def run_training(recipe: Recipe, say: Any = print) -> TrainResult:
     """Train the recipe's adapter and fill its run directory. Input problems raise `UserError` before any write."""
     from accelerate import PartialState
 
+    from lora_causal.checks import enforce, run_checks
     from lora_causal.data import make_tokenizer_step, prepare_data
     from lora_causal.model import load_tokenizer
     from lora_causal.rundir import RunDirectory
@@ -113,7 +114,10 @@ def run_training(recipe: Recipe, say: Any = print) -> TrainResult:
     tokenizer = load_tokenizer(recipe.model)
     check_max_length(recipe)
     data = prepare_data(recipe.data, tokenizer, recipe.train.seed)
+    findings = run_checks(data, recipe.data, recipe.checks, tokenizer, recipe.train.micro_batch_size)
+    enforce(findings)
     say(f"data: {data.train_report.summary()}")
+    say("checks: " + "; ".join(finding.line() for finding in findings))
     if data.eval_report is not None:
         say(f"eval data: {data.eval_report.summary()}")
     run_dir = RunDirectory.plan(recipe.output.dir, recipe.fingerprint(), recipe.output.overwrite)
@@ -161,6 +165,7 @@ def build_trainer(  # noqa: PLR0913
     from datasets import Dataset
 
     from lora_causal.collator import CausalLMCollator
+    from lora_causal.data import model_columns
     from lora_causal.model import set_adapter_dtype
 
     collator = CausalLMCollator(
@@ -174,8 +179,8 @@ def build_trainer(  # noqa: PLR0913
         model=model,
         args=sft_config,
         data_collator=collator,
-        train_dataset=Dataset.from_list(data.train),
-        eval_dataset=Dataset.from_list(data.eval) if data.eval else None,
+        train_dataset=Dataset.from_list(model_columns(data.train)),
+        eval_dataset=Dataset.from_list(model_columns(data.eval)) if data.eval else None,
         processing_class=tokenizer,
         callbacks=callbacks,
     )

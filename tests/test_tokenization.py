@@ -9,7 +9,7 @@ import pytest
 from conftest import write_jsonl
 from lora_causal.collator import CausalLMCollator
 from lora_causal.config import DataSection
-from lora_causal.data import ALPACA_TEMPLATE_NO_INPUT, prepare_data, split_examples
+from lora_causal.data import ALPACA_TEMPLATE_NO_INPUT, model_columns, prepare_data, split_examples
 from lora_causal.errors import UserError
 
 
@@ -188,4 +188,6 @@ def test_other_file_types_read_the_same_rows(tmp_path: Path, tiny_tokenizer, suf
 
         pq.write_table(pa.Table.from_pylist(rows), path)
     reference = prepare_data(_data(write_jsonl(tmp_path / "r.jsonl", rows), "prompt_completion"), tiny_tokenizer, 0)
-    assert prepare_data(_data(path, "prompt_completion"), tiny_tokenizer, 0).train == reference.train
+    prepared = prepare_data(_data(path, "prompt_completion"), tiny_tokenizer, 0)
+    assert model_columns(prepared.train) == model_columns(reference.train)
+    assert prepared.train[0]["row"] == {".json": "item 0", ".csv": "line 2", ".parquet": "row 0"}[suffix]
