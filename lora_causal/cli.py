@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from lora_causal import __version__
-from lora_causal.errors import UserError
+from lora_causal.errors import DISK_ERRNOS, RunInterrupted, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a LoRA adapter from a recipe")
     train.add_argument("recipe", help="path to a YAML recipe")
     train.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    train.add_argument("--resume", action="store_true",
+                       help="require an unfinished run in output.dir and continue it (rerunning resumes anyway)")
+    train.add_argument("--overwrite", action="store_true", help="replace a finished run in output.dir")
 
     validate = commands.add_parser("validate", help="check a recipe and build its configs without loading weights")
     validate.add_argument("recipe", help="path to a YAML recipe")
@@ -94,15 +97,15 @@ def _validate(recipe_path: str, overrides: Sequence[str]) -> None:
     print(f"# recipe is valid (fingerprint {recipe.fingerprint()})")
 
 
-def _train(recipe_path: str, overrides: Sequence[str]) -> None:
+def _train(recipe_path: str, overrides: Sequence[str], resume: bool = False, overwrite: bool = False) -> None:
     from rich.console import Console
 
     from lora_causal.config import load_recipe
     from lora_causal.train import run_training
 
     console = Console(highlight=False, soft_wrap=True)
-    recipe = load_recipe(recipe_path, overrides)
-    result = run_training(recipe, say=console.print)
+    recipe = load_recipe(recipe_path, [*overrides, *(["output.overwrite=true"] if overwrite else [])])
+    result = run_training(recipe, say=console.print, require_resume=resume)
     if result.losses:
         console.print(
             f"loss: {result.losses[0]:.4f} at the first step -> {result.losses[-1]:.4f} at the last "
@@ -178,9 +181,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "generate":
             _generate(args)
         else:
-            _train(args.recipe, args.overrides)
+            _train(args.recipe, args.overrides, args.resume, args.overwrite)
     except UserError as exc:
         sys.stderr.write(f"error: {exc}\n")
+        return EXIT_USER_ERROR
+    except RunInterrupted as exc:
+        sys.stderr.write(f"{exc}\n")
+        return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        sys.stderr.write(f"error: {os.strerror(exc.errno).lower()} while writing {exc.filename or 'output'}; free space "
+                         "or choose another output folder\n")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; run the same command again to resume from the last checkpoint\n")

@@ -244,7 +244,19 @@ class Recipe(_Section):
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    """Safe YAML that also reads `2e-4` as a number (YAML 1.1 would keep it a string)."""
+    """Safe YAML that reads `2e-4` as a number (YAML 1.1 would keep it a string) and refuses aliases.
+
+    Aliases (`*name`) are refused because a few nested ones expand to billions of nodes ("billion laughs").
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "anchors and aliases (&name, *name) are not allowed in recipes; write the values out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
 
 
 _FLOAT_RE = re.compile(

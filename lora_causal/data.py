@@ -249,14 +249,14 @@ class _Tokenize:
         if self.fmt == "messages":
             return self._messages(location, row)
         if self.fmt == "text":
-            ids = self._ids(self._field(location, row, "text"), special=True)
+            ids = self._ids(self._field(location, row, "text", required_text=True), special=True)
             return self._with_eos(ids), 0, None
         if self.fmt == "alpaca":
             prompt = self._alpaca_prompt(location, row)
-            completion = self._field(location, row, "output")
+            completion = self._field(location, row, "output", required_text=True)
         else:
             prompt = self._field(location, row, "prompt")
-            completion = self._field(location, row, "completion")
+            completion = self._field(location, row, "completion", required_text=True)
         prompt_ids = self._ids(prompt, special=True)
         return self._with_eos(prompt_ids + self._ids(completion, special=False)), len(prompt_ids), None
 
@@ -270,7 +270,7 @@ class _Tokenize:
     def _with_eos(self, ids: list[int]) -> list[int]:
         return ids if ids and ids[-1] == self.eos else ids + [self.eos]
 
-    def _field(self, location: str, row: dict, name: str, optional: bool = False) -> str:
+    def _field(self, location: str, row: dict, name: str, optional: bool = False, required_text: bool = False) -> str:
         column = self.columns[name]
         if column not in row or row[column] is None:
             if optional:
@@ -284,10 +284,12 @@ class _Tokenize:
         value = row[column]
         if not isinstance(value, str):
             raise UserError(f"{self.where}: {location}: '{column}' must be text, got {type(value).__name__}")
+        if required_text and not value.strip():
+            raise UserError(f"{self.where}: {location}: '{column}' is empty; fill it or remove the row")
         return value
 
     def _alpaca_prompt(self, location: str, row: dict) -> str:
-        instruction = self._field(location, row, "instruction")
+        instruction = self._field(location, row, "instruction", required_text=True)
         extra = self._field(location, row, "input", optional=True)
         return fill_alpaca_template(instruction, extra, self.template)
 
@@ -307,6 +309,11 @@ class _Tokenize:
                 )
             if not isinstance(message.get("content"), str):
                 raise UserError(f"{self.where}: {location}: message {turn} content must be text")
+            if message["role"] in ("user", "assistant") and not message["content"].strip():
+                raise UserError(
+                    f"{self.where}: {location}: message {turn} ({message['role']}) has empty content; fill it or "
+                    "remove the conversation"
+                )
             clean.append({"role": message["role"], "content": message["content"]})
         full = chat_ids(self.tokenizer, clean, add_generation_prompt=False)
         target_mask = [0] * len(full)

@@ -1,4 +1,9 @@
-"""The one exception type for problems a user can fix (bad recipe, bad data, bad paths)."""
+"""Exceptions for problems a user can fix (bad recipe, bad data, bad paths, a full disk) and for interrupted runs."""
+
+import errno
+
+# Write failures the user fixes by freeing space or choosing another folder: reported as one line, exit 2.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
 
 
 class UserError(Exception):
@@ -9,3 +14,11 @@ class UserError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(message.split()))
+
+
+class RunInterrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; carries the exit status (128 + signal)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

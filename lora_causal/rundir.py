@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -93,6 +94,28 @@ def git_commit(folder: Path) -> str | None:
     return f"{commit}+dirty" if dirty else commit
 
 
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest `checkpoint-N` that was fully written (the trainer writes trainer_state.json last)."""
+    if not folder.is_dir():
+        return None
+    complete = [
+        child for child in folder.iterdir()
+        if child.is_dir() and re.fullmatch(r"checkpoint-\d+", child.name) and (child / "trainer_state.json").is_file()
+    ]
+    return max(complete, key=lambda child: int(child.name.split("-")[1]), default=None)
+
+
+def remove_incomplete_checkpoints(folder: Path) -> list[str]:
+    """Delete checkpoints a crash or a full disk left half-written; return their names."""
+    removed = []
+    if folder.is_dir():
+        for child in folder.iterdir():
+            if child.is_dir() and re.fullmatch(r"checkpoint-\d+", child.name) and not (child / "trainer_state.json").is_file():
+                shutil.rmtree(child, ignore_errors=True)
+                removed.append(child.name)
+    return removed
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -111,6 +134,7 @@ class RunDirectory:
     path: Path
     resume_from: Path | None  # a checkpoint to resume from, or None for a fresh run
     replace_existing: bool  # an old run is there and output.overwrite allows replacing it
+    created: bool = False  # set by start() when this invocation made the folder
 
     @property
     def checkpoints(self) -> Path:
@@ -119,13 +143,13 @@ class RunDirectory:
     @classmethod
     def plan(cls, folder: str, recipe_fingerprint: str, overwrite: bool) -> RunDirectory:
         """Decide fresh run, resume or refusal for `folder`, without writing anything."""
-        from transformers.trainer_utils import get_last_checkpoint
-
         path = Path(folder)
         if path.exists() and not path.is_dir():
             raise UserError(f"output.dir: '{path}' is a file; choose a folder")
         if not path.exists() or not any(path.iterdir()):
             parent = next(p for p in [path, *path.parents] if p.exists())
+            if not parent.is_dir():
+                raise UserError(f"output.dir: '{parent}' is a file, so '{path}' cannot be created; choose another folder")
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise UserError(f"output.dir: cannot write to '{parent}' (permission denied); choose another folder")
             return cls(path, None, False)
@@ -144,9 +168,9 @@ class RunDirectory:
                 f"output.dir: '{path}' already holds a finished run; choose another output.dir or set "
                 "output.overwrite=true to replace it"
             )
-        checkpoint = get_last_checkpoint(str(path / "checkpoints")) if (path / "checkpoints").is_dir() else None
+        checkpoint = last_complete_checkpoint(path / "checkpoints")
         if same_recipe and checkpoint is not None:
-            return cls(path, Path(checkpoint), False)
+            return cls(path, checkpoint, False)
         if same_recipe or overwrite:
             return cls(path, None, True)
         raise UserError(
@@ -159,12 +183,22 @@ class RunDirectory:
         if self.replace_existing:
             for child in self.path.iterdir():
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
+        self.created = not self.path.exists() or not any(self.path.iterdir())
         self.path.mkdir(parents=True, exist_ok=True)
+        if self.resume_from is not None:
+            remove_incomplete_checkpoints(self.checkpoints)
         write_text_atomic(self.path / "recipe.yaml", recipe_yaml)
         self.update_manifest(manifest)
 
     def update_manifest(self, manifest: dict[str, Any]) -> None:
         write_json_atomic(self.path / MANIFEST, manifest)
+
+    def clean_up_after_failure(self) -> None:
+        """After a failure: drop half-written checkpoints, and the whole folder if this run made it and has
+        no complete checkpoint to resume from (so nothing half-written is left behind)."""
+        remove_incomplete_checkpoints(self.checkpoints)
+        if self.created and last_complete_checkpoint(self.checkpoints) is None:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 def base_manifest(recipe_fingerprint: str, seed: int, data_fingerprint: str, recipe_dir: Path) -> dict[str, Any]:

@@ -7,12 +7,16 @@ truncating or re-labelling, and `remove_unused_columns=False` lets `prompt_lengt
 from __future__ import annotations
 
 import functools
+import os
+import signal
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_causal.config import Recipe
-from lora_causal.errors import UserError
+from lora_causal.errors import DISK_ERRNOS, RunInterrupted, UserError
 
 if TYPE_CHECKING:
     from trl import SFTConfig
@@ -101,8 +105,11 @@ class TrainResult:
     merge_report: dict[str, Any] | None = None
 
 
-def run_training(recipe: Recipe, say: Any = print) -> TrainResult:
-    """Train the recipe's adapter and fill its run directory. Input problems raise `UserError` before any write."""
+def run_training(recipe: Recipe, say: Any = print, require_resume: bool = False) -> TrainResult:
+    """Train the recipe's adapter and fill its run directory. Input problems raise `UserError` before any write.
+
+    With `require_resume`, there must be an unfinished run of this recipe in output.dir to continue.
+    """
     from accelerate import PartialState
 
     from lora_causal.checks import enforce, run_checks
@@ -121,10 +128,27 @@ def run_training(recipe: Recipe, say: Any = print) -> TrainResult:
     if data.eval_report is not None:
         say(f"eval data: {data.eval_report.summary()}")
     run_dir = RunDirectory.plan(recipe.output.dir, recipe.fingerprint(), recipe.output.overwrite)
+    if require_resume and run_dir.resume_from is None:
+        raise UserError(
+            f"--resume: '{recipe.output.dir}' holds no unfinished run of this recipe with a complete checkpoint; "
+            "run without --resume to start one"
+        )
+    if recipe.model.trust_remote_code:
+        say(f"model.trust_remote_code is true: Python code shipped with '{recipe.model.name_or_path}' will run here")
     sft_config = build_sft_config(recipe, str(run_dir.checkpoints), has_eval=data.eval is not None)
     render = make_tokenizer_step(tokenizer, recipe.data)
     prompts = [render.render_prompt(text) for text in recipe.output.sample_prompts]
-    result = _train(recipe, tokenizer, data, run_dir, sft_config, prompts, state.is_main_process, say)
+    try:
+        result = _train(recipe, tokenizer, data, run_dir, sft_config, prompts, state.is_main_process, say)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        if state.is_main_process:
+            run_dir.clean_up_after_failure()
+        raise UserError(
+            f"{os.strerror(exc.errno).lower()} while writing {exc.filename or recipe.output.dir}; free space (or "
+            "choose another output.dir) and run the same command again: it resumes from the last complete checkpoint"
+        ) from None
     if state.is_main_process and recipe.output.merge is not None:
         result.merge_report = _merge_run(recipe, result.run_dir, say)
     return result
@@ -208,14 +232,23 @@ def _train(recipe, tokenizer, data, run_dir: RunDirectory, sft_config, prompts, 
 
     meter = TokenMeter()
     metrics = MetricsCallback(run_dir.path / "metrics.jsonl", is_main, meter)
-    trainer = build_trainer(recipe, model, tokenizer, data, sft_config, meter=meter, callbacks=[metrics])
+    stop = _graceful_stop_class()()
+    trainer = build_trainer(recipe, model, tokenizer, data, sft_config, meter=meter, callbacks=[metrics, stop])
     try:
-        trainer.train(resume_from_checkpoint=str(run_dir.resume_from) if run_dir.resume_from else None)
+        with stop.listening():
+            trainer.train(resume_from_checkpoint=str(run_dir.resume_from) if run_dir.resume_from else None)
     except BaseException as exc:
+        sys.stderr.write("\n")  # end the progress bar's line, so the error starts on its own
         if is_main:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            run_dir.update_manifest({**manifest, "status": status, "error": f"{exc.__class__.__name__}: {exc}"})
+            try:
+                run_dir.update_manifest({**manifest, "status": status, "error": f"{exc.__class__.__name__}: {exc}"})
+            except OSError:
+                pass  # the disk may be why we failed; the error itself is what matters
+            run_dir.clean_up_after_failure()
         raise
+    if stop.signal_number is not None:
+        _stop_on_signal(stop.signal_number, trainer, model, tokenizer, run_dir, manifest, is_main)
 
     after = greedy_answers(model, tokenizer, prompts, recipe.output.sample_max_new_tokens) if prompts else []
     samples = [
@@ -253,6 +286,63 @@ def _merge_run(recipe: Recipe, run_dir: Path, say: Any) -> dict[str, Any]:
         str(run_dir), str(target), base=settings.base, dtype_name=settings.dtype, force=True,
         num_prompts=settings.num_prompts, say=say,
     )
+
+
+def _stop_on_signal(signal_number: int, trainer: Any, model: Any, tokenizer: Any, run_dir: RunDirectory,
+                    manifest: dict[str, Any], is_main: bool) -> None:
+    """After a SIGINT/SIGTERM stop: keep the adapter so far, mark the run interrupted, say how to resume."""
+    from lora_causal.rundir import last_complete_checkpoint
+
+    step = trainer.state.global_step
+    checkpoint = last_complete_checkpoint(run_dir.checkpoints)
+    if is_main:
+        _save_adapter(model, tokenizer, run_dir.path / "adapter")
+        run_dir.update_manifest({**manifest, "status": "interrupted", "global_step": step,
+                                 "error": f"stopped by {signal.Signals(signal_number).name}"})
+    raise RunInterrupted(
+        f"stopped by {signal.Signals(signal_number).name} at step {step}: checkpoint {checkpoint} and the adapter so "
+        f"far ({run_dir.path / 'adapter'}) are saved; run the same command again to resume",
+        128 + signal_number,
+    )
+
+
+@functools.cache
+def _graceful_stop_class() -> type:
+    """A TrainerCallback that turns SIGINT/SIGTERM into "finish this step, save a checkpoint, stop"."""
+    from transformers import TrainerCallback
+
+    class GracefulStop(TrainerCallback):
+        def __init__(self) -> None:
+            self.signal_number: int | None = None
+
+        def _handle(self, signal_number: int, frame: Any) -> None:  # noqa: ARG002 - signal handler signature
+            if self.signal_number is not None:
+                raise KeyboardInterrupt  # a second signal stops at once
+            self.signal_number = signal_number
+            sys.stderr.write("\nstopping after this step and saving a checkpoint (signal again to stop at once)\n")
+
+        @contextmanager
+        def listening(self) -> Any:
+            """Install the handlers for the duration of training (main thread only), then restore the old ones."""
+            import threading
+
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {number: signal.signal(number, self._handle) for number in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for number, handler in previous.items():
+                    signal.signal(number, handler)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if self.signal_number is not None:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return GracefulStop
 
 
 def _save_adapter(model: Any, tokenizer: Any, target: Path) -> None:

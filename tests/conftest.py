@@ -113,3 +113,31 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
         env=env,
         timeout=timeout,
     )
+
+
+def call_cli(args: list[str]) -> int:
+    """`lora_causal.cli.main` in this process; argparse's own exits become return codes."""
+    from lora_causal.cli import main
+
+    try:
+        return main(args)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+
+
+def assert_one_line_error(code: int, err: str, pattern: str, out: str = "", after_progress: bool = False) -> str:
+    """Exit status 2, exactly one non-empty stderr line starting with 'error: ' and matching `pattern`, no traceback.
+
+    `after_progress`: the failure came mid-run, so progress-bar output (tqdm lines) may precede the error line.
+    """
+    import re
+
+    if after_progress:
+        err = "\n".join(re.sub(r"[^\r\n]*(\d+%\||it/s\]|s/it\])[^\r\n]*", "", line) for line in err.split("\n"))
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (code, out[-2000:], err[-2000:])
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: "), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in err + out
+    return lines[0]
