@@ -106,6 +106,8 @@ def _train(recipe_path: str, overrides: Sequence[str], resume: bool = False, ove
     console = Console(highlight=False, soft_wrap=True)
     recipe = load_recipe(recipe_path, [*overrides, *(["output.overwrite=true"] if overwrite else [])])
     result = run_training(recipe, say=console.print, require_resume=resume)
+    if not result.is_main_process:
+        return
     if result.losses:
         console.print(
             f"loss: {result.losses[0]:.4f} at the first step -> {result.losses[-1]:.4f} at the last "

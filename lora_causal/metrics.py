@@ -38,8 +38,22 @@ def peak_memory_gib() -> float:
     return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 
 
+def _sum_over_processes(*values: int) -> list[int]:
+    """The totals of all processes (every process logs at the same steps, so all of them get here)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    totals = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(totals)
+    return totals.tolist()
+
+
 class MetricsCallback(TrainerCallback):
-    """Adds supervised tokens, tokens/s and peak memory to each training log and appends it to metrics.jsonl."""
+    """Adds supervised tokens, tokens/s (all processes together) and peak memory (this process) to each training
+    log, and appends it to metrics.jsonl (main process only)."""
 
     def __init__(self, path: Path, is_main_process: bool, meter: TokenMeter) -> None:
         self.meter = meter
@@ -57,11 +71,12 @@ class MetricsCallback(TrainerCallback):
         if logs is None:
             return
         if "loss" in logs:
+            tokens, target_tokens = _sum_over_processes(self.meter.tokens, self.meter.target_tokens)
             elapsed = max(time.perf_counter() - self._last_time, 1e-9)
-            logs["tokens_per_s"] = round((self.meter.tokens - self._last_tokens) / elapsed, 1)
-            logs["supervised_tokens"] = self.meter.target_tokens
+            logs["tokens_per_s"] = round((tokens - self._last_tokens) / elapsed, 1)
+            logs["supervised_tokens"] = target_tokens
             logs["peak_mem_gib"] = round(peak_memory_gib(), 3)
-            self._last_time, self._last_tokens = time.perf_counter(), self.meter.tokens
+            self._last_time, self._last_tokens = time.perf_counter(), tokens
         record = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
         self.history.append(record)
         if self.is_main_process:

@@ -39,8 +39,8 @@ def build_quantization_config(section: QuantizationSection, compute_dtype: torch
         bnb_4bit_quant_type=section.mode,
         bnb_4bit_use_double_quant=section.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        # FSDP needs the packed weights stored in a float dtype it can shard alongside the rest.
-        bnb_4bit_quant_storage=compute_dtype if _fsdp_enabled() else None,
+        # FSDP and ZeRO-3 shard the packed 4-bit weights with the rest, so they must share the float dtype.
+        bnb_4bit_quant_storage=compute_dtype if sharded_training() else None,
     )
 
 
@@ -61,14 +61,22 @@ def build_lora_config(section: LoraSection) -> LoraConfig:
     )
 
 
-def _fsdp_enabled() -> bool:
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+def sharded_training() -> bool:
+    """True under FSDP or DeepSpeed ZeRO-3 (as set by `accelerate launch` from its config)."""
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+    return fsdp or (deepspeed and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
 
 
-def device_map_for_process() -> dict[str, Any]:
-    """Put the whole model on this process's device: its GPU under accelerate/torchrun, else GPU 0 or the CPU."""
+def device_map_for_process() -> dict[str, Any] | None:
+    """Put the whole model on this process's device: its GPU under accelerate/torchrun, else GPU 0 or the CPU.
+
+    Under FSDP and ZeRO-3 the sharding engine places the weights, so no device map is given.
+    """
     import torch
 
+    if sharded_training():
+        return None
     if torch.cuda.is_available():
         return {"": int(os.environ.get("LOCAL_RANK", "0"))}
     return {"": "cpu"}

@@ -25,6 +25,18 @@ if TYPE_CHECKING:
     from lora_causal.rundir import RunDirectory
 
 
+def process_state() -> Any:
+    """This process's place among the launched ones (accelerate launch / torchrun), created once per process.
+
+    Without CUDA the processes talk over gloo; accelerate only sets that up when asked for the CPU from the first
+    call, which the trainer (use_cpu) would be too late for.
+    """
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConfig:
     """The SFTConfig for a recipe (no weights are touched)."""
     import torch
@@ -70,6 +82,8 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
             padding_free=False,  # padding-free batches come from our collator, not TRL's
             dataloader_num_workers=0,  # the token meter counts batches in this process
             dataloader_pin_memory=torch.cuda.is_available(),
+            use_cpu=not torch.cuda.is_available(),
+            ddp_find_unused_parameters=False,  # every adapter weight takes part in every forward
         )
     except (ValueError, ImportError) as exc:
         raise UserError(f"train: the settings cannot run here: {str(exc).strip().splitlines()[0]}") from None
@@ -103,6 +117,7 @@ class TrainResult:
     samples: list[dict[str, str]]
     resumed_from: Path | None
     merge_report: dict[str, Any] | None = None
+    is_main_process: bool = True
 
 
 def run_training(recipe: Recipe, say: Any = print, require_resume: bool = False) -> TrainResult:
@@ -110,17 +125,49 @@ def run_training(recipe: Recipe, say: Any = print, require_resume: bool = False)
 
     With `require_resume`, there must be an unfinished run of this recipe in output.dir to continue.
     """
-    from accelerate import PartialState
+    state = process_state()
+    if not state.is_main_process:
+        say = _silent  # one process speaks for all
+    try:
+        return _run(recipe, state, say, require_resume)
+    finally:
+        if state.num_processes > 1:
+            state.destroy_process_group()  # a clean teardown, not a crash when the interpreter exits
 
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """Non-main processes say nothing."""
+
+
+def _prepare_shared(recipe: Recipe, tokenizer: Any, state: Any) -> Any:
+    """Tokenize once, on the main process, and send the result to the others (a UserError travels too)."""
+    from lora_causal.data import prepare_data
+
+    if state.num_processes == 1:
+        return prepare_data(recipe.data, tokenizer, recipe.train.seed)
+    from accelerate.utils import broadcast_object_list
+
+    payload: list[Any] = [None]
+    if state.is_main_process:
+        try:
+            payload = [prepare_data(recipe.data, tokenizer, recipe.train.seed)]
+        except UserError as exc:
+            payload = [exc]
+    broadcast_object_list(payload, from_process=0)
+    if isinstance(payload[0], UserError):
+        raise payload[0]
+    return payload[0]
+
+
+def _run(recipe: Recipe, state: Any, say: Any, require_resume: bool) -> TrainResult:
     from lora_causal.checks import enforce, run_checks
-    from lora_causal.data import make_tokenizer_step, prepare_data
+    from lora_causal.data import make_tokenizer_step
     from lora_causal.model import load_tokenizer
     from lora_causal.rundir import RunDirectory
 
-    state = PartialState()
     tokenizer = load_tokenizer(recipe.model)
     check_max_length(recipe)
-    data = prepare_data(recipe.data, tokenizer, recipe.train.seed)
+    data = _prepare_shared(recipe, tokenizer, state)
     findings = run_checks(data, recipe.data, recipe.checks, tokenizer, recipe.train.micro_batch_size)
     enforce(findings)
     say(f"data: {data.train_report.summary()}")
@@ -149,6 +196,7 @@ def run_training(recipe: Recipe, say: Any = print, require_resume: bool = False)
             f"{os.strerror(exc.errno).lower()} while writing {exc.filename or recipe.output.dir}; free space (or "
             "choose another output.dir) and run the same command again: it resumes from the last complete checkpoint"
         ) from None
+    result.is_main_process = state.is_main_process
     if state.is_main_process and recipe.output.merge is not None:
         result.merge_report = _merge_run(recipe, result.run_dir, say)
     return result
@@ -220,6 +268,7 @@ def _train(recipe, tokenizer, data, run_dir: RunDirectory, sft_config, prompts, 
 
     model = attach_lora(load_base_model(recipe.model, recipe.quantization, recipe.train.seed), recipe.lora, recipe.train.seed)
     say(trainable_report(model))
+    prompts = prompts if is_main else []  # samples are shown by the main process only
     before = greedy_answers(model, tokenizer, prompts, recipe.output.sample_max_new_tokens) if prompts else []
 
     manifest = base_manifest(recipe.fingerprint(), recipe.train.seed, data.fingerprint, Path.cwd())
@@ -255,8 +304,8 @@ def _train(recipe, tokenizer, data, run_dir: RunDirectory, sft_config, prompts, 
         {"prompt": prompt, "before": b, "after": a}
         for prompt, b, a in zip(recipe.output.sample_prompts, before, after)
     ]
+    _save_adapter(trainer, model, tokenizer, run_dir.path / "adapter", is_main)
     if is_main:
-        _save_adapter(model, tokenizer, run_dir.path / "adapter")
         if samples:
             write_json_atomic(run_dir.path / "samples.json", samples)
         losses = metrics.losses()
@@ -264,6 +313,7 @@ def _train(recipe, tokenizer, data, run_dir: RunDirectory, sft_config, prompts, 
             status="completed",
             finished=now(),
             global_step=trainer.state.global_step,
+            processes=trainer.args.world_size,
             resumed_from=str(run_dir.resume_from) if run_dir.resume_from else None,
             first_loss=losses[0] if losses else None,
             last_loss=losses[-1] if losses else None,
@@ -295,8 +345,8 @@ def _stop_on_signal(signal_number: int, trainer: Any, model: Any, tokenizer: Any
 
     step = trainer.state.global_step
     checkpoint = last_complete_checkpoint(run_dir.checkpoints)
+    _save_adapter(trainer, model, tokenizer, run_dir.path / "adapter", is_main)
     if is_main:
-        _save_adapter(model, tokenizer, run_dir.path / "adapter")
         run_dir.update_manifest({**manifest, "status": "interrupted", "global_step": step,
                                  "error": f"stopped by {signal.Signals(signal_number).name}"})
     raise RunInterrupted(
@@ -345,16 +395,37 @@ def _graceful_stop_class() -> type:
     return GracefulStop
 
 
-def _save_adapter(model: Any, tokenizer: Any, target: Path) -> None:
-    """Write the adapter and tokenizer to a staging folder, then move it into place in one rename."""
+def _save_adapter(trainer: Any, model: Any, tokenizer: Any, target: Path, is_main: bool) -> None:
+    """Write the adapter and tokenizer to a staging folder, then move it into place in one rename.
+
+    Under FSDP or ZeRO-3 the adapter is sharded, so every process takes part in gathering it (full state dict)
+    into a staging folder all of them can name; otherwise the main process saves it alone.
+    """
+    import shutil
     import tempfile
 
+    from lora_causal.model import sharded_training
     from lora_causal.rundir import replace_dir_atomic
 
-    staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=target.parent))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    replace_dir_atomic(staging, target)
+    if not sharded_training():
+        if is_main:
+            staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=target.parent))
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            replace_dir_atomic(staging, target)
+        return
+    staging = target.with_name(f".{target.name}-staging")
+    if is_main and staging.exists():
+        shutil.rmtree(staging)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_fsdp_enabled:
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(staging))
+    trainer.accelerator.wait_for_everyone()
+    if is_main:
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run keeps its recipe instead
+        tokenizer.save_pretrained(staging)
+        replace_dir_atomic(staging, target)
 
 
 def _public_fields(config: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,133 @@
+"""Several processes through `accelerate launch` (gloo on the CPU): same tokens, same losses, one writer."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import QA_ROWS, REPO, base_recipe, run_cli, write_jsonl, write_recipe
+
+ACCELERATE_CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
+TOLERANCE = 1e-5  # same examples per step and token-normalised loss: equal up to float reduction order
+
+
+def _launch(log: Path, *args: str) -> subprocess.Popen[str]:
+    """Start a launcher writing to files (pipes could fill up and stall a process its peers wait for)."""
+    with (log.with_suffix(".out")).open("w") as out, (log.with_suffix(".err")).open("w") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", *args],
+            cwd=REPO, stdout=out, stderr=err, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+        )
+
+
+def _finish(process: subprocess.Popen[str], log: Path) -> tuple[str, str]:
+    process.wait(timeout=300)
+    return log.with_suffix(".out").read_text(), log.with_suffix(".err").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def _supervised(run: Path) -> list[int]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["supervised_tokens"] for line in lines if '"supervised_tokens"' in line]
+
+
+def _assert_same_adapter(first: Path, second: Path) -> None:
+    from safetensors.torch import load_file
+
+    a, b = load_file(first / "adapter" / "adapter_model.safetensors"), load_file(second / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=TOLERANCE) for k in a)
+
+
+@pytest.fixture(scope="module")
+def recipe_and_single_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Path, Path]:
+    """A recipe with micro-batches of 2, and its single-process run at the same global batch (2 x 2 accumulation)."""
+    folder = tmp_path_factory.mktemp("distributed")
+    data = write_jsonl(folder / "qa.jsonl", QA_ROWS * 2)
+    tree = base_recipe(tiny_model_dir, data, folder / "unused", train={"max_steps": 4, "micro_batch_size": 2})
+    recipe = write_recipe(folder / "recipe.yaml", tree)
+    single = run_cli("train", str(recipe), f"output.dir={folder / 'single'}", "train.gradient_accumulation=2")
+    assert single.returncode == 0, single.stderr[-2000:]
+    return recipe, folder / "single"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(recipe_and_single_run, tmp_path: Path) -> None:
+    recipe, single = recipe_and_single_run
+    log = tmp_path / "launch"
+    process = _launch(log, "--config_file", str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"),
+                      "-m", "lora_causal", "train", str(recipe), f"output.dir={tmp_path / 'ddp'}")
+    out, err = _finish(process, log)
+    assert process.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "destroy_process_group" not in err  # clean teardown
+    assert out.count("adapter saved to") == 1 and out.count("data: ") == 1  # one process speaks and writes
+    manifest = json.loads((tmp_path / "ddp" / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["processes"] == 2
+    assert _supervised(tmp_path / "ddp") == _supervised(single)  # the same tokens, summed over processes
+    assert _losses(tmp_path / "ddp") == pytest.approx(_losses(single), abs=TOLERANCE)
+    _assert_same_adapter(tmp_path / "ddp", single)
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback(recipe_and_single_run, tmp_path: Path) -> None:
+    recipe, single = recipe_and_single_run
+    port = str(_free_port())
+    nodes = [
+        _launch(tmp_path / f"node{rank}", "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
+                "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
+                "--dynamo_backend", "no", "-m", "lora_causal", "train", str(recipe), f"output.dir={tmp_path / 'nodes'}")
+        for rank in (0, 1)
+    ]
+    results = [_finish(node, tmp_path / f"node{rank}") for rank, node in enumerate(nodes)]
+    for node, (_, err) in zip(nodes, results):
+        assert node.returncode == 0, err[-3000:]
+    assert results[0][0].count("adapter saved to") == 1 and "adapter saved to" not in results[1][0]
+    assert _losses(tmp_path / "nodes") == pytest.approx(_losses(single), abs=TOLERANCE)
+    _assert_same_adapter(tmp_path / "nodes", single)
+
+
+@pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=[p.name for p in ACCELERATE_CONFIGS])
+def test_accelerate_configs_load(config: Path) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    loaded = load_config_from_file(str(config))
+    assert loaded.num_processes >= 1
+    if "fsdp" in config.name:
+        assert loaded.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert loaded.fsdp_config["fsdp_use_orig_params"] is False
+    if "zero3" in config.name:
+        assert loaded.deepspeed_config["zero_stage"] == 3
+
+
+def test_sharded_training_stores_4bit_weights_in_the_compute_dtype(monkeypatch) -> None:
+    from lora_causal.config import QuantizationSection
+    from lora_causal.model import build_quantization_config, device_map_for_process
+
+    plain = build_quantization_config(QuantizationSection(), torch.bfloat16)
+    assert plain.bnb_4bit_quant_storage == torch.uint8 and device_map_for_process() == {"": "cpu"}
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    fsdp = build_quantization_config(QuantizationSection(), torch.bfloat16)
+    assert fsdp.bnb_4bit_quant_storage == torch.bfloat16 and device_map_for_process() is None
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert build_quantization_config(QuantizationSection(), torch.bfloat16).bnb_4bit_quant_storage == torch.bfloat16
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert build_quantization_config(QuantizationSection(), torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
