@@ -1,4 +1,4 @@
-"""`lora-causal {train,validate,inspect,merge,generate}`: argument parsing and dispatch only.
+"""`lora-causal {train,validate,inspect,merge,generate,bench}`: argument parsing and dispatch only.
 
 Problems with the user's input (`UserError`) print one line on stderr and exit with status 2.
 """
@@ -46,6 +46,21 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--n", type=int, default=5, help="examples to show (default 5)")
     inspect.add_argument("--html", help="also write a self-contained HTML page here")
     inspect.add_argument("--png", help="also write the length histogram as a PNG here")
+
+    bench = commands.add_parser("bench", help="benchmark speed and memory against the stock Hugging Face setup")
+    bench.add_argument("--shape", default="tiny", help="tiny, llama-3.2-1b, llama-3.1-8b, qwen2.5-7b, or a config.json")
+    bench.add_argument("--out", required=True, help="folder for bench.json, bench.md and bench.png")
+    bench.add_argument("--arms", default="stock,lora_causal", help="comma-separated: stock, lora_causal")
+    bench.add_argument("--micro-batch", type=int, default=4)
+    bench.add_argument("--grad-accum", type=int, default=1)
+    bench.add_argument("--steps", type=int, default=20)
+    bench.add_argument("--warmup", type=int, default=3, help="steps left out of the measurements")
+    bench.add_argument("--median", type=int, default=512, help="median example length (lognormal)")
+    bench.add_argument("--sigma", type=float, default=0.7, help="lognormal sigma of the example lengths")
+    bench.add_argument("--max-length", type=int, default=2048)
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--max-context", action="store_true", help="find the longest single sequence under --memory-cap-gib")
+    bench.add_argument("--memory-cap-gib", type=float, default=24.0)
 
     merge = commands.add_parser("merge", help="merge an adapter into its base model and measure the merge")
     merge.add_argument("source", metavar="RUN_DIR_OR_ADAPTER", help="a run directory or an adapter folder")
@@ -149,6 +164,31 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from lora_causal.bench import ARMS, markdown_table, run_bench, run_max_context
+
+    arms = tuple(arm.strip() for arm in args.arms.split(",") if arm.strip())
+    unknown = [arm for arm in arms if arm not in ARMS]
+    if unknown or not arms:
+        raise UserError(f"--arms: unknown arm {unknown[0] if unknown else '(none)'}; choose from {', '.join(ARMS)}")
+    for name in ("micro_batch", "grad_accum", "steps", "median", "max_length"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    command = " ".join(["lora-causal", *sys.argv[1:]])
+    if args.max_context:
+        report = run_max_context(args.shape, Path(args.out), args.memory_cap_gib, arms, seed=args.seed, command=command)
+        print((Path(args.out) / "max_context.md").read_text(), end="")
+        return
+    report = run_bench(args.shape, Path(args.out), arms, args.micro_batch, args.grad_accum, args.steps, args.warmup,
+                       args.median, args.sigma, args.max_length, args.seed, command=command)
+    print(markdown_table(report), end="")
+    if "speedup" in report:
+        print(f"lora_causal / stock tokens/s: {report['speedup']}x; same tokens trained: {report['same_tokens']}")
+    print(f"written to {args.out}/bench.json, bench.md, bench.png")
+
+
 def _merge(args: argparse.Namespace) -> None:
     from lora_causal.merge import format_report, merge_adapter
 
@@ -180,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _inspect(args)
         elif args.command == "merge":
             _merge(args)
+        elif args.command == "bench":
+            _bench(args)
         elif args.command == "generate":
             _generate(args)
         else:

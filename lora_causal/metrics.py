@@ -20,10 +20,12 @@ class TokenMeter:
 
     tokens: int = 0  # real (non-pad) tokens
     target_tokens: int = 0  # positions the loss scores
+    padded: int = 0  # positions computed, padding included
 
     def add(self, batch: Mapping[str, Any]) -> None:
         labels = batch["labels"]
         self.target_tokens += int((labels[..., 1:] != -100).sum())
+        self.padded += int(batch["input_ids"].numel())
         mask = batch.get("attention_mask")
         self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 

@@ -1,0 +1,77 @@
+"""The benchmark runs on the CPU, reports every field, and both arms train the same tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, call_cli
+from lora_causal.bench import flops_per_token, padding_share, run_bench, run_max_context, synthetic_lengths
+
+
+def test_synthetic_lengths_are_seeded_clipped_and_centred() -> None:
+    lengths = synthetic_lengths(4000, median=512, sigma=0.7, max_length=2048, seed=3)
+    assert lengths == synthetic_lengths(4000, median=512, sigma=0.7, max_length=2048, seed=3)
+    assert min(lengths) >= 16 and max(lengths) == 2048
+    assert 470 < sorted(lengths)[len(lengths) // 2] < 555
+
+
+def test_padding_share_by_hand() -> None:
+    assert padding_share([2, 4, 3, 3], micro_batch=2) == pytest.approx(1 - 12 / 14)
+
+
+def test_flops_per_token_matches_the_design_figure_for_8b() -> None:
+    from lora_causal.shapes import parameter_counts, write_shape_config
+
+    counts = parameter_counts(write_shape_config("llama-3.1-8b", Path("/tmp/lora-causal-shape-8b")))
+    assert 7.4e9 < counts["matmul"] < 7.6e9
+    assert flops_per_token(counts, mean_context=256) == pytest.approx(32e9, rel=0.07)  # DESIGN.md: ~32 GFLOP/token
+
+
+@pytest.mark.slow
+def test_cpu_smoke_run_reports_and_both_arms_see_the_same_tokens(tmp_path: Path) -> None:
+    report = run_bench("tiny", tmp_path, steps=4, warmup=1, micro_batch=2, median=64, max_length=128, say=lambda *_: None)
+    assert {p.name for p in tmp_path.iterdir()} >= {"bench.json", "bench.md", "bench.png"}
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["shape"] == "tiny" and saved["date"] and saved["hardware"]["cpu_count"] >= 1
+    assert {"torch", "transformers", "trl", "peft", "bitsandbytes"} <= set(saved["versions"])
+    stock, ours = report["arms"]
+    assert stock["arm"] == "stock" and ours["arm"] == "lora_causal" and stock["ok"] and ours["ok"]
+    for arm in (stock, ours):
+        assert arm["tokens_per_s"] > 0 and arm["supervised_tokens_per_s"] > 0 and arm["step_s"] > 0
+        assert arm["peak_rss_gib"] > 0 and arm["load_s"] > 0 and arm["measured_steps"] == 3
+        assert 0 < arm["padding_share"] < 1 and len(arm["first_losses"]) == 4
+    assert report["same_tokens"] is True
+    assert stock["tokens_total"] == ours["tokens_total"] == sum(synthetic_lengths(8, 64, 0.7, 128, 0))
+    assert stock["first_losses"][0] == pytest.approx(ours["first_losses"][0], abs=1e-3)  # same model, same batch
+    assert report["speedup"] > 0 and "| lora_causal |" in (tmp_path / "bench.md").read_text()
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_max_context_bisects_under_a_memory_cap(tmp_path: Path) -> None:
+    roomy = run_max_context("tiny", tmp_path / "roomy", cap_gib=100.0, arms=("lora_causal",), high=768, say=lambda *_: None)
+    assert roomy["arms"]["lora_causal"]["longest"] == 768
+    assert [p["length"] for p in roomy["arms"]["lora_causal"]["probes"]] == [256, 512, 768]
+    tight = run_max_context("tiny", tmp_path / "tight", cap_gib=0.01, arms=("lora_causal",), high=768, say=lambda *_: None)
+    assert tight["arms"]["lora_causal"]["longest"] is None
+    assert (tmp_path / "tight" / "max_context.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["--arms", "stock,fast"], r"--arms: unknown arm fast"),
+        (["--steps", "3", "--warmup", "3"], r"--warmup \(3\) must be smaller than --steps \(3\)"),
+        (["--shape", "gpt-9"], r"--shape: 'gpt-9' is neither a named shape"),
+        (["--micro-batch", "0"], r"--micro-batch must be at least 1"),
+    ],
+)
+def test_bad_bench_arguments(args: list[str], pattern: str, tmp_path: Path, capfd) -> None:
+    capfd.readouterr()
+    code = call_cli(["bench", "--out", str(tmp_path / "b"), *args])
+    out, err = capfd.readouterr()
+    assert_one_line_error(code, err, pattern, out)
+    assert not (tmp_path / "b").exists()
