@@ -6,6 +6,7 @@
 #
 # OUTPUT_FOLDER defaults to $OUT_DIR, else $OUT, else benchmarks/results/<date>-<gpu>. Environment knobs:
 #   SHAPES="llama-3.2-1b llama-3.1-8b"  STEPS=20  WARMUP=3  MB_1B=8  MB_8B=4
+#   ARMS_1B="stock,lora_causal,lora_causal+padding_free,lora_causal+varlen"  ARMS_8B="stock,lora_causal"
 #   MAX_CONTEXT=1   also bisect the longest 8B sequence under 24 GiB (several minutes more)
 # Needs trl, peft, bitsandbytes, datasets and pydantic importable (see ../shared/gpu/README.md for carried wheels).
 # On a CPU it runs too (SHAPES=tiny STEPS=4), as a dry run of the script itself.
@@ -25,13 +26,13 @@ echo "device: $device; results in $out"
 
 for shape in $shapes; do
   case $shape in
-    *8b*|*7b*) micro_batch=${MB_8B:-4} ;;
-    *1b*) micro_batch=${MB_1B:-8} ;;
-    *) micro_batch=4 ;;
+    *8b*|*7b*) micro_batch=${MB_8B:-4}; arms=${ARMS_8B:-stock,lora_causal} ;;
+    *1b*) micro_batch=${MB_1B:-8}; arms=${ARMS_1B:-stock,lora_causal,lora_causal+padding_free,lora_causal+varlen} ;;
+    *) micro_batch=4; arms=${ARMS_1B:-stock,lora_causal,lora_causal+padding_free,lora_causal+varlen} ;;
   esac
-  echo "== bench $shape (micro-batch $micro_batch, $steps steps)"
-  "$python" -m lora_causal bench --shape "$shape" --out "$out/$shape" --steps "$steps" --warmup "$warmup" \
-    --micro-batch "$micro_batch" 2>&1 | tee "$out/$shape.log" | tail -2
+  echo "== bench $shape (arms $arms, micro-batch $micro_batch, $steps steps)"
+  "$python" -m lora_causal bench --shape "$shape" --arms "$arms" --out "$out/$shape" --steps "$steps" \
+    --warmup "$warmup" --micro-batch "$micro_batch" 2>&1 | tee "$out/$shape.log" | tail -2
 done
 
 if [ "${MAX_CONTEXT:-0}" = 1 ]; then

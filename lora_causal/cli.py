@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmark speed and memory against the stock Hugging Face setup")
     bench.add_argument("--shape", default="tiny", help="tiny, llama-3.2-1b, llama-3.1-8b, qwen2.5-7b, or a config.json")
     bench.add_argument("--out", required=True, help="folder for bench.json, bench.md and bench.png")
-    bench.add_argument("--arms", default="stock,lora_causal", help="comma-separated: stock, lora_causal")
+    bench.add_argument("--arms", default="stock,lora_causal",
+                       help="comma-separated: stock, lora_causal, lora_causal+padding_free, lora_causal+varlen")
     bench.add_argument("--micro-batch", type=int, default=4)
     bench.add_argument("--grad-accum", type=int, default=1)
     bench.add_argument("--steps", type=int, default=20)
@@ -184,8 +185,9 @@ def _bench(args: argparse.Namespace) -> None:
     report = run_bench(args.shape, Path(args.out), arms, args.micro_batch, args.grad_accum, args.steps, args.warmup,
                        args.median, args.sigma, args.max_length, args.seed, command=command)
     print(markdown_table(report), end="")
-    if "speedup" in report:
-        print(f"lora_causal / stock tokens/s: {report['speedup']}x; same tokens trained: {report['same_tokens']}")
+    if "speedup_vs_stock" in report:
+        ratios = ", ".join(f"{arm} {ratio}x" for arm, ratio in report["speedup_vs_stock"].items() if arm != "stock")
+        print(f"tokens/s vs stock: {ratios}; same tokens trained by every arm: {report.get('same_tokens')}")
     print(f"written to {args.out}/bench.json, bench.md, bench.png")
 
 

@@ -51,7 +51,8 @@ class ModelSection(_Section):
     # them: for demos, tests and benchmarks. The weights are saved once and loaded through the real path.
     init: Literal["pretrained", "random"] = "pretrained"
     trust_remote_code: bool = False
-    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3"] = "auto"
+    # varlen: lora_causal's varlen attention for padding-free batches (Flash Attention inside PyTorch on CUDA).
+    attn_implementation: Literal["auto", "eager", "sdpa", "varlen", "flash_attention_2", "flash_attention_3"] = "auto"
 
 
 class QuantizationSection(_Section):
@@ -223,6 +224,11 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> Recipe:
+        if self.model.attn_implementation == "varlen" and not self.train.padding_free:
+            raise ValueError(
+                "model.attn_implementation: varlen works on padding-free batches; set train.padding_free: true "
+                "or choose another attention"
+            )
         if self.lora.use_dora and self.quantization.mode == "int8":
             raise ValueError("lora.use_dora is not supported with quantization.mode: int8; use nf4 or turn DoRA off")
         return self

@@ -134,7 +134,11 @@ def load_base_model(section: ModelSection, quantization: QuantizationSection, se
     quantization_config = build_quantization_config(quantization, compute_dtype)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-    if section.attn_implementation != "auto":
+    if section.attn_implementation == "varlen":
+        from lora_causal.attention import register
+
+        kwargs["attn_implementation"] = register()
+    elif section.attn_implementation != "auto":
         kwargs["attn_implementation"] = section.attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)

@@ -46,8 +46,21 @@ def test_cpu_smoke_run_reports_and_both_arms_see_the_same_tokens(tmp_path: Path)
     assert report["same_tokens"] is True
     assert stock["tokens_total"] == ours["tokens_total"] == sum(synthetic_lengths(8, 64, 0.7, 128, 0))
     assert stock["first_losses"][0] == pytest.approx(ours["first_losses"][0], abs=1e-3)  # same model, same batch
-    assert report["speedup"] > 0 and "| lora_causal |" in (tmp_path / "bench.md").read_text()
+    assert report["speedup_vs_stock"]["lora_causal"] > 0 and "| lora_causal |" in (tmp_path / "bench.md").read_text()
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_lever_arms_train_the_same_tokens_as_stock(tmp_path: Path) -> None:
+    arms = ("stock", "lora_causal+padding_free", "lora_causal+varlen")
+    report = run_bench("tiny", tmp_path, arms=arms, steps=3, warmup=1, micro_batch=2, median=64, max_length=128,
+                       say=lambda *_: None)
+    assert [arm["arm"] for arm in report["arms"]] == list(arms) and all(arm["ok"] for arm in report["arms"])
+    assert report["same_tokens"] is True
+    packed = report["arms"][1:]
+    assert all(arm["padding_share"] == 0.0 for arm in packed) and report["arms"][0]["padding_share"] > 0
+    first = report["arms"][0]["first_losses"][0]
+    assert all(arm["first_losses"][0] == pytest.approx(first, abs=1e-3) for arm in packed)  # exact packing
 
 
 @pytest.mark.slow
