@@ -27,7 +27,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lora_causal.errors import UserError
+from lora_causal.data import padding_fraction
+from lora_causal.errors import UserError, first_line
+from lora_causal.rundir import library_versions
 
 # lora_causal arms: the project's defaults, then single levers on top of them (DESIGN.md's performance plan).
 LEVERS: dict[str, dict[str, Any]] = {
@@ -91,12 +93,6 @@ def synthetic_examples(lengths: list[int], vocab: int, seed: int) -> list[list[i
     rng = random.Random(seed + 1)
     low = min(16, vocab - 1)
     return [[rng.randrange(low, vocab) for _ in range(length)] for length in lengths]
-
-
-def padding_share(lengths: list[int], micro_batch: int) -> float:
-    """Share of computed positions that are padding when examples are batched in order and right-padded."""
-    padded = sum(max(lengths[i : i + micro_batch]) * len(lengths[i : i + micro_batch]) for i in range(0, len(lengths), micro_batch))
-    return 1 - sum(lengths) / padded
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -209,7 +205,7 @@ def run_arm(spec: BenchSpec) -> ArmResult:
     """Train one arm on the spec's examples and measure it (in this process)."""
     import torch
 
-    from lora_causal.metrics import peak_memory_gib
+    from lora_causal.metrics import peak_rss_gib
 
     result = ArmResult(arm=spec.arm, device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu")
     examples = synthetic_examples(spec.lengths, spec.vocab, spec.seed)
@@ -218,18 +214,12 @@ def run_arm(spec: BenchSpec) -> ArmResult:
         try:
             runner(spec, examples, result, workdir)
         except torch.OutOfMemoryError as exc:
-            result.ok, result.error = False, f"out of memory: {str(exc).splitlines()[0]}"
+            result.ok, result.error = False, f"out of memory: {first_line(exc)}"
     if torch.cuda.is_available():
         result.peak_allocated_gib = torch.cuda.max_memory_allocated() / 2**30
         result.peak_reserved_gib = torch.cuda.max_memory_reserved() / 2**30
-    result.peak_rss_gib = peak_memory_gib() if not torch.cuda.is_available() else _rss_gib()
+    result.peak_rss_gib = peak_rss_gib()
     return result
-
-
-def _rss_gib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _arm_in_subprocess(spec: BenchSpec, timeout: int) -> ArmResult:
@@ -287,12 +277,6 @@ def summarise(result: ArmResult, warmup: int, counts: dict[str, int], mean_conte
 
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
-
-
-def library_versions() -> dict[str, str]:
-    from lora_causal.rundir import library_versions as versions
-
-    return versions()
 
 
 def hardware() -> dict[str, Any]:
@@ -399,7 +383,7 @@ def run_bench(  # noqa: PLR0913
         "flops_per_token": flops_per_token(counts, mean_context), "steps": steps, "warmup": warmup,
         "data": {"examples": len(lengths), "median": median, "sigma": sigma, "max_length": max_length,
                  "mean_length": sum(lengths) / len(lengths), "micro_batch": micro_batch, "grad_accum": grad_accum,
-                 "padding_share": padding_share(lengths, micro_batch), "seed": seed},
+                 "padding_share": padding_fraction(lengths, micro_batch), "seed": seed},
         "arms": results,
     }
     ok = [arm for arm in results if arm["ok"]]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_causal.config import FORMAT_FIELDS, DataSection, DataSource, EvalSection, looks_local
-from lora_causal.errors import UserError
+from lora_causal.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -174,9 +174,8 @@ def _read_hub(name: str, split: str, where: str) -> list[tuple[str, Any]]:
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot get it"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         raise UserError(
-            f"{where}: '{name}' is not a local file and could not be loaded from the Hub ({first})"
+            f"{where}: '{name}' is not a local file and could not be loaded from the Hub ({first_line(exc)})"
         ) from None
     return [(f"row {index}", row) for index, row in enumerate(dataset)]
 
@@ -409,6 +408,23 @@ def _check_not_empty(report: DataReport, data: DataSection, where: str) -> None:
             f"data.max_length={data.max_length}); raise data.max_length, use data.truncation: keep_end, or check "
             "that completions are not empty"
         )
+
+
+def padding_fraction(lengths: list[int], batch_size: int, seed: int | None = None, multiple: int | None = None) -> float:
+    """Share of computed positions that are padding when `lengths` are right-padded in batches of `batch_size`,
+    in the given order or (with `seed`) in a seeded shuffle like the trainer's, rounded up to `multiple`."""
+    order = list(range(len(lengths)))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    padded = real = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start : start + batch_size]]
+        width = max(batch)
+        if multiple:
+            width = -(-width // multiple) * multiple
+        padded += width * len(batch)
+        real += sum(batch)
+    return (padded - real) / padded if padded else 0.0
 
 
 def model_columns(examples: list[Example]) -> list[Example]:

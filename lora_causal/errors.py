@@ -22,3 +22,9 @@ class RunInterrupted(Exception):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (libraries put the cause there), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else exc.__class__.__name__

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lora_causal.errors import UserError
+from lora_causal.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -60,7 +60,7 @@ def load_for_generation(path: str) -> tuple[Any, Any, str | None, str | None]:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map=device_map_for_process())
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as exc:
-            raise UserError(f"cannot load a model from '{folder}': {str(exc).strip().splitlines()[0]}") from None
+            raise UserError(f"cannot load a model from '{folder}': {first_line(exc)}") from None
         report = folder / REPORT
         fmt = json.loads(report.read_text(encoding="utf-8")).get("prompt_format") if report.is_file() else None
         return model, tokenizer, fmt, None

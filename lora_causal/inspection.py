@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from lora_causal.checks import Finding, run_checks
 from lora_causal.collator import CausalLMCollator
 from lora_causal.config import Recipe
-from lora_causal.data import PreparedData, prepare_data
+from lora_causal.data import PreparedData, padding_fraction, prepare_data
 from lora_causal.model import load_tokenizer
 
 if TYPE_CHECKING:
@@ -43,23 +42,6 @@ class Stats:
         return self.target_tokens / max(self.tokens, 1)
 
 
-def padding_fraction(lengths: list[int], batch_size: int, seed: int, multiple: int | None, padding_free: bool) -> float:
-    """Share of pad positions when the examples are batched as training would (seeded shuffle, right padding)."""
-    if padding_free or not lengths:
-        return 0.0
-    order = list(range(len(lengths)))
-    random.Random(seed).shuffle(order)
-    padded = real = 0
-    for start in range(0, len(order), batch_size):
-        batch = [lengths[i] for i in order[start : start + batch_size]]
-        width = max(batch)
-        if multiple:
-            width = -(-width // multiple) * multiple
-        padded += width * len(batch)
-        real += sum(batch)
-    return (padded - real) / padded
-
-
 def dataset_stats(prepared: PreparedData, recipe: Recipe) -> Stats:
     report = prepared.train_report
     lengths = [len(example["input_ids"]) for example in prepared.train]
@@ -70,9 +52,8 @@ def dataset_stats(prepared: PreparedData, recipe: Recipe) -> Stats:
         dropped_no_targets=report.dropped_no_targets,
         dropped_too_long=report.dropped_too_long,
         truncated=report.truncated,
-        padding_fraction=padding_fraction(
-            lengths, recipe.train.micro_batch_size, recipe.train.seed, recipe.train.pad_to_multiple_of,
-            recipe.train.padding_free,
+        padding_fraction=0.0 if recipe.train.padding_free else padding_fraction(
+            lengths, recipe.train.micro_batch_size, recipe.train.seed, recipe.train.pad_to_multiple_of
         ),
         lengths=lengths,
     )

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_causal.config import ModelSection, QuantizationSection, Recipe, load_recipe
-from lora_causal.errors import UserError
+from lora_causal.errors import UserError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -79,7 +79,7 @@ def adapter_tokenizer(source: AdapterSource) -> Any:
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=source.model.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a tokenizer from '{folder}': {_first_line(exc)}") from None
+        raise UserError(f"cannot load a tokenizer from '{folder}': {first_line(exc)}") from None
 
 
 def _weights_folder(source: AdapterSource) -> str:
@@ -106,7 +106,7 @@ def check_adapter_fits(source: AdapterSource) -> None:
             trust_remote_code=source.model.trust_remote_code,
         )
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load base model '{source.model.name_or_path}': {_first_line(exc)}") from None
+        raise UserError(f"cannot load base model '{source.model.name_or_path}': {first_line(exc)}") from None
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=source.model.trust_remote_code)
     modules = dict(skeleton.named_modules())
@@ -140,7 +140,7 @@ def load_dense_base(source: AdapterSource, dtype: torch.dtype) -> Any:
             device_map={"": "cpu"},
         )
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load base model '{source.model.name_or_path}': {_first_line(exc)}") from None
+        raise UserError(f"cannot load base model '{source.model.name_or_path}': {first_line(exc)}") from None
 
 
 def with_adapter(model: Any, adapter: Path) -> Any:
@@ -151,7 +151,7 @@ def with_adapter(model: Any, adapter: Path) -> Any:
         peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise UserError(
-            f"the adapter in '{adapter}' does not fit base model '{model.name_or_path}' ({_first_line(exc)}); "
+            f"the adapter in '{adapter}' does not fit base model '{model.name_or_path}' ({first_line(exc)}); "
             "pass the base it was trained on with --base-model"
         ) from None
     peft_model.eval()
@@ -176,11 +176,6 @@ def copy_nf4_weights_into(dense: Any, quantized: Any, progress: bool = True) -> 
             weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state)
             target.weight.copy_(weight.to(target.weight.dtype))
     return len(layers)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else exc.__class__.__name__
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,13 +263,11 @@ def verdict(base: str, vs_trained: dict[str, float], vs_unquantized: dict[str, f
 
 
 def check_output(out: Path, force: bool) -> None:
+    from lora_causal.rundir import check_can_create
+
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"output folder '{out}' exists and is not empty; choose another --out or pass --force")
-    parent = next(p for p in [out.parent, *out.parent.parents] if p.exists())
-    import os
-
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to '{parent}' (permission denied); choose another --out")
+    check_can_create(out, "--out")
 
 
 def merge_adapter(  # noqa: PLR0913

@@ -30,14 +30,19 @@ class TokenMeter:
         self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
+def peak_rss_gib() -> float:
+    """The process's peak resident memory (ru_maxrss is bytes on macOS, KiB elsewhere)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+
+
 def peak_memory_gib() -> float:
     """Peak GPU memory allocated by torch, or the process's peak resident memory on the CPU."""
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+    return peak_rss_gib()
 
 
 def _sum_over_processes(*values: int) -> list[int]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_causal.config import LoraSection, ModelSection, QuantizationSection, looks_local
-from lora_causal.errors import UserError
+from lora_causal.errors import UserError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -101,7 +101,7 @@ def load_tokenizer(section: ModelSection) -> PreTrainedTokenizerBase:
             source, revision=section.revision, trust_remote_code=section.trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a tokenizer from '{source}': {_first_line(exc)}") from None
+        raise UserError(f"cannot load a tokenizer from '{source}': {first_line(exc)}") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer of '{source}' has no EOS token; set eos_token in its tokenizer_config.json")
     if tokenizer.pad_token_id is None:
@@ -143,7 +143,7 @@ def load_base_model(section: ModelSection, quantization: QuantizationSection, se
     try:
         model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
-        raise UserError(f"cannot load model '{section.name_or_path}': {_first_line(exc)}") from None
+        raise UserError(f"cannot load model '{section.name_or_path}': {first_line(exc)}") from None
     model.config.use_cache = False  # packed batches must never build a KV cache (see DESIGN.md)
     keep_4bit_weights_trainable(model)
     return model
@@ -194,8 +194,3 @@ def trainable_report(model: PeftModel) -> str:
     """One line: trainable parameters, all parameters (4-bit weights counted unpacked), and the share."""
     trainable, total = model.get_nb_trainable_parameters()
     return f"trainable params: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else exc.__class__.__name__

@@ -134,6 +134,15 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def check_can_create(path: Path, what: str) -> None:
+    """Refuse, before any work, a folder that cannot be created: under a file, or in a folder we cannot write."""
+    parent = next(p for p in [path, *path.parents] if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"{what}: '{parent}' is a file, so '{path}' cannot be created; choose another folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{what}: cannot write to '{parent}' (permission denied); choose another folder")
+
+
 @dataclass
 class RunDirectory:
     """Where a run writes, decided up front; `start` is the first write."""
@@ -154,11 +163,7 @@ class RunDirectory:
         if path.exists() and not path.is_dir():
             raise UserError(f"output.dir: '{path}' is a file; choose a folder")
         if not path.exists() or not any(path.iterdir()):
-            parent = next(p for p in [path, *path.parents] if p.exists())
-            if not parent.is_dir():
-                raise UserError(f"output.dir: '{parent}' is a file, so '{path}' cannot be created; choose another folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise UserError(f"output.dir: cannot write to '{parent}' (permission denied); choose another folder")
+            check_can_create(path, "output.dir")
             return cls(path, None, False)
         if not os.access(path, os.W_OK | os.X_OK):
             raise UserError(f"output.dir: cannot write to '{path}' (permission denied); choose another folder")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_causal.config import Recipe
-from lora_causal.errors import DISK_ERRNOS, RunInterrupted, UserError
+from lora_causal.errors import DISK_ERRNOS, RunInterrupted, UserError, first_line
 
 if TYPE_CHECKING:
     from trl import SFTConfig
@@ -86,7 +86,7 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
             ddp_find_unused_parameters=False,  # every adapter weight takes part in every forward
         )
     except (ValueError, ImportError) as exc:
-        raise UserError(f"train: the settings cannot run here: {str(exc).strip().splitlines()[0]}") from None
+        raise UserError(f"train: the settings cannot run here: {first_line(exc)}") from None
 
 
 def check_max_length(recipe: Recipe) -> None:
@@ -100,8 +100,7 @@ def check_max_length(recipe: Recipe) -> None:
             trust_remote_code=recipe.model.trust_remote_code,
         )
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise UserError(f"cannot load model '{recipe.model.name_or_path}': {first}") from None
+        raise UserError(f"cannot load model '{recipe.model.name_or_path}': {first_line(exc)}") from None
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and recipe.data.max_length > limit:
         raise UserError(
@@ -428,6 +427,13 @@ def _save_adapter(trainer: Any, model: Any, tokenizer: Any, target: Path, is_mai
         replace_dir_atomic(staging, target)
 
 
+SFT_SUMMARY_KEYS = (
+    "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "num_train_epochs", "max_steps",
+    "lr_scheduler_type", "warmup_steps", "optim", "bf16", "fp16", "gradient_checkpointing",
+    "gradient_checkpointing_kwargs", "seed",
+)
+
+
 def _public_fields(config: dict[str, Any]) -> dict[str, Any]:
     return {key: str(value) if not isinstance(value, (bool, int, float, str, type(None))) else value
             for key, value in config.items() if not key.startswith("_") and value is not None}
@@ -441,6 +447,7 @@ def describe_configs(recipe: Recipe) -> dict[str, Any]:
     quantization = build_quantization_config(recipe.quantization, compute_dtype)
     lora = build_lora_config(recipe.lora)
     sft = build_sft_config(recipe, str(Path(recipe.output.dir) / "checkpoints"), has_eval=recipe.data.eval is not None)
+    sft_values = sft.to_dict()  # enums as their values
     return {
         "BitsAndBytesConfig": _public_fields(quantization.to_dict()) if quantization else None,
         "LoraConfig": {
@@ -454,18 +461,7 @@ def describe_configs(recipe: Recipe) -> dict[str, Any]:
             "modules_to_save": lora.modules_to_save,
         },
         "SFTConfig": {
-            "per_device_train_batch_size": sft.per_device_train_batch_size,
-            "gradient_accumulation_steps": sft.gradient_accumulation_steps,
-            "learning_rate": sft.learning_rate,
-            "num_train_epochs": sft.num_train_epochs,
-            "max_steps": sft.max_steps,
-            "lr_scheduler_type": str(sft.lr_scheduler_type.value if hasattr(sft.lr_scheduler_type, "value") else sft.lr_scheduler_type),
-            "optim": str(sft.optim.value if hasattr(sft.optim, "value") else sft.optim),
-            "bf16": sft.bf16,
-            "fp16": sft.fp16,
-            "gradient_checkpointing": sft.gradient_checkpointing,
-            "gradient_checkpointing_kwargs": sft.gradient_checkpointing_kwargs,
-            "seed": sft.seed,
+            **{key: sft_values[key] for key in SFT_SUMMARY_KEYS},
             "compute_dtype": str(compute_dtype).removeprefix("torch."),
         },
     }

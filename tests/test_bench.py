@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, call_cli
-from lora_causal.bench import flops_per_token, padding_share, run_bench, run_max_context, synthetic_lengths
+from lora_causal.bench import flops_per_token, run_bench, run_max_context, synthetic_lengths
+from lora_causal.data import padding_fraction
 
 
 def test_synthetic_lengths_are_seeded_clipped_and_centred() -> None:
@@ -18,8 +19,9 @@ def test_synthetic_lengths_are_seeded_clipped_and_centred() -> None:
     assert 470 < sorted(lengths)[len(lengths) // 2] < 555
 
 
-def test_padding_share_by_hand() -> None:
-    assert padding_share([2, 4, 3, 3], micro_batch=2) == pytest.approx(1 - 12 / 14)
+def test_padding_fraction_by_hand() -> None:
+    assert padding_fraction([2, 4, 3, 3], batch_size=2) == pytest.approx(1 - 12 / 14)
+    assert padding_fraction([2, 4, 3, 3], batch_size=2, multiple=8) == pytest.approx(1 - 12 / 32)
 
 
 def test_flops_per_token_matches_the_design_figure_for_8b() -> None:
