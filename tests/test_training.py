@@ -176,3 +176,41 @@ def test_other_quantization_modes_and_lora_options_train(
     config = json.loads((result.run_dir / "adapter" / "adapter_config.json").read_text())
     assert config["use_dora"] == lora.get("use_dora", False)
     assert config["use_rslora"] == lora.get("use_rslora", False)
+
+
+CHAT_ROWS = [
+    {"messages": [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi there!"},
+                  {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "How are you?"},
+                  {"role": "assistant", "content": "Fine, thanks."}]},
+    {"messages": [{"role": "user", "content": "What do cows drink?"}, {"role": "assistant", "content": "water."}]},
+]
+ALPACA_ROWS = [{"instruction": "Name a color.", "input": "", "output": "blue."},
+               {"instruction": "Add.", "input": "two plus two", "output": "four."}]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "rows", "extra"),
+    [
+        ("messages", CHAT_ROWS * 3, {}),
+        ("alpaca", ALPACA_ROWS * 3, {"template": "Q: {instruction} {input}\nA:"}),
+        ("text", [{"text": "the dog likes food"}, {"text": "the cat likes milk"}] * 3, {"mask_prompt": False}),
+        ("messages", CHAT_ROWS * 3, {"eval": {"split_ratio": 0.34}}),
+    ],
+    ids=["messages", "alpaca", "text", "messages-padding-free-with-eval"],
+)
+def test_every_format_trains_end_to_end(tmp_path: Path, tiny_model_dir: Path, fmt: str, rows: list, extra: dict) -> None:
+    extra = dict(extra)
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    template = extra.pop("template", None)
+    tree = base_recipe(tiny_model_dir, data, tmp_path / "run", train={"max_steps": 3, "logging_steps": 1},
+                       data={"max_length": 128, **extra})
+    tree["data"]["train"]["format"] = fmt
+    if template:
+        tree["data"]["train"]["template"] = template
+    if "eval" in extra:
+        tree["train"].update(padding_free=True, eval_steps=2)
+    result = run_training(load_recipe(write_recipe(tmp_path / "r.yaml", tree)), say=lambda *_: None)
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in records if "loss" in r]) == 3
+    if "eval" in extra:
+        assert any("eval_loss" in r and r["eval_loss"] == r["eval_loss"] for r in records)  # evaluated, not NaN
