@@ -37,6 +37,7 @@ done
 
 if [ "${MAX_CONTEXT:-0}" = 1 ]; then
   "$python" -m lora_causal bench --shape llama-3.1-8b --max-context --memory-cap-gib 24 \
+    --arms "${ARMS_CONTEXT:-stock,lora_causal+offload}" \
     --out "$out/llama-3.1-8b-max-context" 2>&1 | tee "$out/max-context.log" | tail -6
 fi
 

@@ -36,6 +36,9 @@ LEVERS: dict[str, dict[str, Any]] = {
     "lora_causal": {},
     "lora_causal+padding_free": {"train": {"padding_free": True}},
     "lora_causal+varlen": {"train": {"padding_free": True}, "model": {"attn_implementation": "varlen"}},
+    # for --max-context: activations parked in CPU memory between forward and backward (GPU only)
+    "lora_causal+offload": {"train": {"padding_free": True, "activation_offloading": True},
+                            "model": {"attn_implementation": "varlen"}},
 }
 ARMS = ("stock", *LEVERS)
 DEFAULT_ARMS = ("stock", "lora_causal")

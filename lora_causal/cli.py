@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--shape", default="tiny", help="tiny, llama-3.2-1b, llama-3.1-8b, qwen2.5-7b, or a config.json")
     bench.add_argument("--out", required=True, help="folder for bench.json, bench.md and bench.png")
     bench.add_argument("--arms", default="stock,lora_causal",
-                       help="comma-separated: stock, lora_causal, lora_causal+padding_free, lora_causal+varlen")
+                       help="comma-separated: stock, lora_causal, lora_causal+padding_free, lora_causal+varlen, "
+                            "lora_causal+offload (GPU only)")
     bench.add_argument("--micro-batch", type=int, default=4)
     bench.add_argument("--grad-accum", type=int, default=1)
     bench.add_argument("--steps", type=int, default=20)

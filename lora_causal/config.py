@@ -167,6 +167,8 @@ class TrainSection(_Section):
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "sgd"] = "adamw_torch"
     seed: int = 42
     gradient_checkpointing: bool = True
+    # Keep checkpointed activations in CPU memory between forward and backward (long context; needs a GPU).
+    activation_offloading: bool = False
     padding_free: bool = False
     pad_to_multiple_of: PositiveInt | None = None
     logging_steps: PositiveInt = 10

@@ -46,6 +46,9 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
 
     train = recipe.train
     compute_dtype = resolve_compute_dtype(recipe.quantization.compute_dtype)
+    if train.activation_offloading and not torch.cuda.is_available():
+        raise UserError("train.activation_offloading moves activations between a GPU and the CPU; there is no GPU here, "
+                        "so set it to false")
     try:
         return SFTConfig(
             output_dir=output_dir,
@@ -66,6 +69,7 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
             fp16=compute_dtype == torch.float16,
             gradient_checkpointing=train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+            activation_offloading=train.activation_offloading,
             logging_steps=train.logging_steps,
             logging_first_step=True,
             save_strategy="steps",
@@ -430,7 +434,7 @@ def _save_adapter(trainer: Any, model: Any, tokenizer: Any, target: Path, is_mai
 SFT_SUMMARY_KEYS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "num_train_epochs", "max_steps",
     "lr_scheduler_type", "warmup_steps", "optim", "bf16", "fp16", "gradient_checkpointing",
-    "gradient_checkpointing_kwargs", "seed",
+    "gradient_checkpointing_kwargs", "activation_offloading", "seed",
 )
 
 

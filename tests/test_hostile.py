@@ -64,6 +64,7 @@ CASES: dict[str, Case] = {
     "data path is a folder": lambda t, m: (["train", str(_recipe_file(t, m)), f"data.train.path={t}/"], r"is a folder; give a \.jsonl, \.json, \.csv or \.parquet file"),
     "unsupported data file type": lambda t, m: (["train", str(_recipe_file(t, m)), f"data.train.path={_write(t / 'data.txt', 'hi')}"], r"'data\.txt' has an unsupported type"),
     "output dir under a file": lambda t, m: (["train", str(_recipe_file(t, m)), f"output.dir={_write(t / 'afile', 'x')}/run"], r"output\.dir: '.*afile' is a file, so .* cannot be created"),
+    "activation offloading without a GPU": lambda t, m: (["validate", str(_recipe_file(t, m)), "train.activation_offloading=true"], r"train\.activation_offloading moves activations between a GPU and the CPU; there is no GPU here"),
     "resume with nothing to resume": lambda t, m: (["train", str(_recipe_file(t, m)), "--resume"], r"--resume: '.*run' holds no unfinished run of this recipe"),
     "unknown command": lambda t, m: (["fly"], r"argument command: invalid choice: 'fly'"),
     "missing recipe argument": lambda t, m: (["train"], r"the following arguments are required: recipe"),
@@ -98,6 +99,10 @@ def _bare_adapter(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_hostile_input(name: str, tmp_path: Path, tiny_model_dir: Path, capfd) -> None:
+    import torch
+
+    if "without a GPU" in name and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     args, pattern = CASES[name](tmp_path, tiny_model_dir)
     capfd.readouterr()
     code = call_cli(args)
