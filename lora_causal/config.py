@@ -170,6 +170,9 @@ class TrainSection(_Section):
     # Keep checkpointed activations in CPU memory between forward and backward (long context; needs a GPU).
     activation_offloading: bool = False
     padding_free: bool = False
+    # Pack examples (best fit decreasing) into micro-batches of at most this many tokens instead of
+    # micro_batch_size examples; needs padding_free. Examples per optimizer step then vary, tokens do not.
+    token_budget: PositiveInt | None = None
     pad_to_multiple_of: PositiveInt | None = None
     logging_steps: PositiveInt = 10
     eval_steps: PositiveInt | None = None  # defaults to logging_steps when there is eval data
@@ -180,6 +183,11 @@ class TrainSection(_Section):
             raise ValueError(
                 "pad_to_multiple_of pads rows, but padding_free: true has no padding; remove one of them"
             )
+        if self.token_budget is not None and not self.padding_free:
+            raise ValueError("token_budget packs examples into padding-free rows; set train.padding_free: true")
+        if self.token_budget is not None and "micro_batch_size" in self.model_fields_set:
+            raise ValueError("token_budget replaces micro_batch_size (micro-batches hold tokens, not examples); "
+                             "remove micro_batch_size")
         return self
 
 
@@ -230,6 +238,11 @@ class Recipe(_Section):
             raise ValueError(
                 "model.attn_implementation: varlen works on padding-free batches; set train.padding_free: true "
                 "or choose another attention"
+            )
+        if self.train.token_budget is not None and self.train.token_budget < self.data.max_length:
+            raise ValueError(
+                f"train.token_budget ({self.train.token_budget}) is smaller than data.max_length "
+                f"({self.data.max_length}), so the longest examples would fit in no micro-batch; raise it"
             )
         if self.lora.use_dora and self.quantization.mode == "int8":
             raise ValueError("lora.use_dora is not supported with quantization.mode: int8; use nf4 or turn DoRA off")

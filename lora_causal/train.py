@@ -13,7 +13,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from lora_causal.config import Recipe
 from lora_causal.errors import DISK_ERRNOS, RunInterrupted, UserError, first_line
@@ -54,8 +54,9 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
             output_dir=output_dir,
             num_train_epochs=train.epochs,
             max_steps=train.max_steps or -1,
-            per_device_train_batch_size=train.micro_batch_size,
-            per_device_eval_batch_size=train.micro_batch_size,
+            # with a token budget, one micro-batch is one pack of examples
+            per_device_train_batch_size=1 if train.token_budget else train.micro_batch_size,
+            per_device_eval_batch_size=1 if train.token_budget else train.micro_batch_size,
             gradient_accumulation_steps=train.gradient_accumulation,
             learning_rate=train.learning_rate,
             lr_scheduler_type=train.lr_scheduler,
@@ -243,19 +244,25 @@ def build_trainer(  # noqa: PLR0913
     from lora_causal.data import model_columns
     from lora_causal.model import set_adapter_dtype
 
-    collator = CausalLMCollator(
+    collator: Any = CausalLMCollator(
         pad_token_id=tokenizer.pad_token_id,
         mask_prompt=recipe.data.mask_prompt,
         padding_free=recipe.train.padding_free,
         pad_to_multiple_of=recipe.train.pad_to_multiple_of,
     )
+    rows: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] = model_columns
+    if recipe.train.token_budget:
+        from lora_causal.packing import PackCollator, pack_examples
+
+        collator = PackCollator(collator)
+        rows = lambda examples: pack_examples(model_columns(examples), recipe.train.token_budget)  # noqa: E731
     trainer = _trainer_class()(
         meter=meter,
         model=model,
         args=sft_config,
         data_collator=collator,
-        train_dataset=Dataset.from_list(model_columns(data.train)),
-        eval_dataset=Dataset.from_list(model_columns(data.eval)) if data.eval else None,
+        train_dataset=Dataset.from_list(rows(data.train)),
+        eval_dataset=Dataset.from_list(rows(data.eval)) if data.eval else None,
         processing_class=tokenizer,
         callbacks=callbacks,
     )
