@@ -182,3 +182,15 @@ def test_bad_merge_input(case: str, pattern: str, trained_run: Path, tiny_model_
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out-")]  # no staging folder left
     if case == "existing output":
         assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+
+
+def test_generate_samples_reproducibly_with_a_seed_and_raw_prompts(trained_run: Path, capsys) -> None:
+    args = ["generate", str(trained_run), "--prompt", "Q: What color is the sky?\nA:", "--max-new-tokens", "8",
+            "--temperature", "1.5"]
+    answers = []
+    for seed in ("1", "1", "2"):
+        assert main([*args, "--seed", seed]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1]  # same seed, same sample
+    assert main(["generate", str(trained_run), "--prompt", "the dog", "--raw", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip() != ""
