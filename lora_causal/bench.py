@@ -153,7 +153,7 @@ def _run_stock(spec: BenchSpec, examples: list[list[int]], result: ArmResult, wo
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from lora_causal.metrics import TokenMeter
-    from lora_causal.train import _trainer_class
+    from lora_causal.train import trainer_class
 
     compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     start = time.perf_counter()
@@ -163,7 +163,7 @@ def _run_stock(spec: BenchSpec, examples: list[list[int]], result: ArmResult, wo
                                                  device_map={"": 0} if torch.cuda.is_available() else {"": "cpu"})
     peft_config = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
     meter = TokenMeter()
-    trainer = _trainer_class()(
+    trainer = trainer_class()(
         meter=meter, model=model, args=_stock_args(spec, workdir),
         train_dataset=Dataset.from_dict({"input_ids": examples}), peft_config=peft_config,
         processing_class=AutoTokenizer.from_pretrained(spec.model_dir),

@@ -259,10 +259,6 @@ class _Tokenize:
         prompt_ids = self._ids(prompt, special=True)
         return self._with_eos(prompt_ids + self._ids(completion, special=False)), len(prompt_ids), None
 
-    def render_prompt(self, text: str) -> list[int]:
-        """Token ids of a sample prompt as training would have rendered it (for before/after answers)."""
-        return render_prompt_ids(self.tokenizer, self.fmt, text, self.template)
-
     def _ids(self, text: str, special: bool) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
 
@@ -443,15 +439,10 @@ def dataset_fingerprint(*parts: list[Example] | None) -> str:
     return digest.hexdigest()
 
 
-def make_tokenizer_step(tokenizer: PreTrainedTokenizerBase, data: DataSection) -> _Tokenize:
-    """The tokenizer step of the training data's format (also renders sample prompts)."""
-    return _Tokenize(tokenizer, data.train, data.train.format, "data.train")
-
-
 def prepare_data(data: DataSection, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
     """Read, tokenize and split the recipe's data. Raises `UserError` before anything is written."""
     train_rows = read_rows(data.train.path, data.train.split, "data.train")
-    train, train_report = tokenize_rows(train_rows, make_tokenizer_step(tokenizer, data), data)
+    train, train_report = tokenize_rows(train_rows, _Tokenize(tokenizer, data.train, data.train.format, "data.train"), data)
     _check_not_empty(train_report, data, "data.train")
     evaluation: list[Example] | None = None
     eval_report: DataReport | None = None

@@ -165,7 +165,7 @@ def _prepare_shared(recipe: Recipe, tokenizer: Any, state: Any) -> Any:
 
 def _run(recipe: Recipe, state: Any, say: Any, require_resume: bool) -> TrainResult:
     from lora_causal.checks import enforce, run_checks
-    from lora_causal.data import make_tokenizer_step
+    from lora_causal.data import render_prompt_ids
     from lora_causal.model import load_tokenizer
     from lora_causal.rundir import RunDirectory
 
@@ -187,8 +187,8 @@ def _run(recipe: Recipe, state: Any, say: Any, require_resume: bool) -> TrainRes
     if recipe.model.trust_remote_code:
         say(f"model.trust_remote_code is true: Python code shipped with '{recipe.model.name_or_path}' will run here")
     sft_config = build_sft_config(recipe, str(run_dir.checkpoints), has_eval=data.eval is not None)
-    render = make_tokenizer_step(tokenizer, recipe.data)
-    prompts = [render.render_prompt(text) for text in recipe.output.sample_prompts]
+    source = recipe.data.train
+    prompts = [render_prompt_ids(tokenizer, source.format, text, source.template) for text in recipe.output.sample_prompts]
     try:
         result = _train(recipe, tokenizer, data, run_dir, sft_config, prompts, state.is_main_process, say)
     except OSError as exc:
@@ -207,7 +207,7 @@ def _run(recipe: Recipe, state: Any, say: Any, require_resume: bool) -> TrainRes
 
 
 @functools.cache
-def _trainer_class() -> type:
+def trainer_class() -> type:
     """SFTTrainer that counts the real and supervised tokens of every batch it trains on.
 
     Counting in `training_step` sees exactly the trained batches; a collator-side count would run ahead of
@@ -256,7 +256,7 @@ def build_trainer(  # noqa: PLR0913
 
         collator = PackCollator(collator)
         rows = lambda examples: pack_examples(model_columns(examples), recipe.train.token_budget)  # noqa: E731
-    trainer = _trainer_class()(
+    trainer = trainer_class()(
         meter=meter,
         model=model,
         args=sft_config,
