@@ -41,6 +41,7 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 MODEL_FIELDS = ("input_ids", "prompt_length", "target_mask")  # what reaches the collator; "row" stays behind
 MAX_LISTED = 20  # row locations kept per finding
 BOUNDARY_SAMPLE = 256  # rows whose prompt/completion boundary is compared with joint tokenization
+PROGRESS_FROM_ROWS = 2000  # tokenizing fewer rows is quick enough to need no progress bar
 
 Example = dict[str, Any]
 
@@ -347,46 +348,50 @@ def tokenize_rows(
     rows: list[tuple[str, Any]], tokenize: _Tokenize, data: DataSection
 ) -> tuple[list[Example], DataReport]:
     """Tokenize, truncate and filter rows into training examples, with a report of what happened."""
+    from tqdm.auto import tqdm
+
     report = DataReport(rows=len(rows))
     examples: list[Example] = []
-    for index, (location, row) in enumerate(rows):
-        ids, prompt_length, target_mask = tokenize(location, row)
-        if index < BOUNDARY_SAMPLE:
-            agrees = tokenize.boundary_agrees(row)
-            if agrees is not None:
-                report.boundary_checked += 1
-                if not agrees:
-                    report.boundary_mismatches += 1
-                    if len(report.boundary_mismatch_rows) < MAX_LISTED:
-                        report.boundary_mismatch_rows.append(location)
-        if len(ids) > data.max_length:
-            if data.truncation == "drop":
-                report.dropped_too_long += 1
+    # a context manager: an error in the middle of the rows still ends the progress line before it is reported
+    with tqdm(rows, desc=f"tokenizing {tokenize.where}", unit="rows", disable=len(rows) < PROGRESS_FROM_ROWS) as progress:
+        for index, (location, row) in enumerate(progress):
+            ids, prompt_length, target_mask = tokenize(location, row)
+            if index < BOUNDARY_SAMPLE:
+                agrees = tokenize.boundary_agrees(row)
+                if agrees is not None:
+                    report.boundary_checked += 1
+                    if not agrees:
+                        report.boundary_mismatches += 1
+                        if len(report.boundary_mismatch_rows) < MAX_LISTED:
+                            report.boundary_mismatch_rows.append(location)
+            if len(ids) > data.max_length:
+                if data.truncation == "drop":
+                    report.dropped_too_long += 1
+                    continue
+                report.truncated += 1
+                if len(report.truncated_rows) < MAX_LISTED:
+                    report.truncated_rows.append(location)
+                if data.truncation == "keep_start":
+                    ids = ids[: data.max_length]
+                    target_mask = target_mask[: data.max_length] if target_mask is not None else None
+                    prompt_length = min(prompt_length, data.max_length)
+                else:
+                    cut = len(ids) - data.max_length
+                    ids = ids[cut:]
+                    target_mask = target_mask[cut:] if target_mask is not None else None
+                    prompt_length = max(prompt_length - cut, 0)
+            targets = target_count(ids, prompt_length, target_mask, data.mask_prompt)
+            if targets == 0:
+                report.dropped_no_targets += 1
                 continue
-            report.truncated += 1
-            if len(report.truncated_rows) < MAX_LISTED:
-                report.truncated_rows.append(location)
-            if data.truncation == "keep_start":
-                ids = ids[: data.max_length]
-                target_mask = target_mask[: data.max_length] if target_mask is not None else None
-                prompt_length = min(prompt_length, data.max_length)
-            else:
-                cut = len(ids) - data.max_length
-                ids = ids[cut:]
-                target_mask = target_mask[cut:] if target_mask is not None else None
-                prompt_length = max(prompt_length - cut, 0)
-        targets = target_count(ids, prompt_length, target_mask, data.mask_prompt)
-        if targets == 0:
-            report.dropped_no_targets += 1
-            continue
-        example: Example = {"input_ids": ids, "prompt_length": prompt_length, "row": location}
-        if target_mask is not None:
-            example["target_mask"] = target_mask
-        examples.append(example)
-        report.examples += 1
-        report.tokens += len(ids)
-        report.target_tokens += targets
-        report.longest = max(report.longest, len(ids))
+            example: Example = {"input_ids": ids, "prompt_length": prompt_length, "row": location}
+            if target_mask is not None:
+                example["target_mask"] = target_mask
+            examples.append(example)
+            report.examples += 1
+            report.tokens += len(ids)
+            report.target_tokens += targets
+            report.longest = max(report.longest, len(ids))
     return examples, report
 
 

@@ -142,3 +142,14 @@ def test_full_disk_gives_one_line_and_leaves_nothing_half_written(tmp_path: Path
                                  out, after_progress=True)
     assert str(tiny_disk) in line
     assert list(tiny_disk.iterdir()) == []  # the run made the folder, had no complete checkpoint: all removed
+
+
+def test_a_bad_row_deep_in_a_large_file_is_reported_on_its_own_line(tmp_path: Path, tiny_model_dir: Path, capfd) -> None:
+    rows = QA_ROWS * 625 + [{"prompt": "Q: hi\nA:"}]  # 2,500 good rows (a progress bar is shown), then a bad one
+    recipe = _recipe_file(tmp_path, tiny_model_dir, rows)
+    capfd.readouterr()
+    code = call_cli(["train", str(recipe)])
+    out, err = capfd.readouterr()
+    assert "tokenizing data.train" in err  # the progress bar was there
+    assert_one_line_error(code, err, r"data\.train: line 2501: no 'completion' field", out, after_progress=True)
+    assert not (tmp_path / "run").exists()
