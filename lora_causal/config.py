@@ -244,6 +244,8 @@ class Recipe(_Section):
                 f"train.token_budget ({self.train.token_budget}) is smaller than data.max_length "
                 f"({self.data.max_length}), so the longest examples would fit in no micro-batch; raise it"
             )
+        if self.train.eval_steps is not None and self.data.eval is None:
+            raise ValueError("train.eval_steps is set but there is no data.eval to evaluate on; add data.eval or remove it")
         if self.lora.use_dora and self.quantization.mode == "int8":
             raise ValueError("lora.use_dora is not supported with quantization.mode: int8; use nf4 or turn DoRA off")
         return self
@@ -464,6 +466,8 @@ def _format_error(error: dict[str, Any]) -> str:
             message = message[len(first) :].lstrip(": ")
     got = error.get("input")
     shown = "" if kind == "value_error" or isinstance(got, (dict, list)) else f" (got {got!r})"
+    if not loc and message.split(".", 1)[0] in Recipe.model_fields:
+        return f"{message}{shown}"  # a cross-section rule already names its keys (train.eval_steps ...)
     return f"{path}: {message[0].lower() + message[1:]}{shown}"
 
 

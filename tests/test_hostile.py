@@ -65,6 +65,7 @@ CASES: dict[str, Case] = {
     "unsupported data file type": lambda t, m: (["train", str(_recipe_file(t, m)), f"data.train.path={_write(t / 'data.txt', 'hi')}"], r"'data\.txt' has an unsupported type"),
     "output dir under a file": lambda t, m: (["train", str(_recipe_file(t, m)), f"output.dir={_write(t / 'afile', 'x')}/run"], r"output\.dir: '.*afile' is a file, so .* cannot be created"),
     "activation offloading without a GPU": lambda t, m: (["validate", str(_recipe_file(t, m)), "train.activation_offloading=true"], r"train\.activation_offloading moves activations between a GPU and the CPU; there is no GPU here"),
+    "eval_steps without eval data": lambda t, m: (["validate", str(_recipe_file(t, m)), "train.eval_steps=5"], r"train\.eval_steps is set but there is no data\.eval"),
     "resume with nothing to resume": lambda t, m: (["train", str(_recipe_file(t, m)), "--resume"], r"--resume: '.*run' holds no unfinished run of this recipe"),
     "unknown command": lambda t, m: (["fly"], r"argument command: invalid choice: 'fly'"),
     "missing recipe argument": lambda t, m: (["train"], r"the following arguments are required: recipe"),
