@@ -169,6 +169,15 @@ def _run(recipe: Recipe, state: Any, say: Any, require_resume: bool) -> TrainRes
     from lora_causal.model import load_tokenizer
     from lora_causal.rundir import RunDirectory
 
+    if recipe.model.trust_remote_code:  # said before any of that code can run
+        say(f"model.trust_remote_code is true: Python code shipped with '{recipe.model.name_or_path}' will run here")
+    # where the run goes is decided (without writing) before the data is read, so a refusal comes at once
+    run_dir = RunDirectory.plan(recipe.output.dir, recipe.fingerprint(), recipe.output.overwrite)
+    if require_resume and run_dir.resume_from is None:
+        raise UserError(
+            f"--resume: '{recipe.output.dir}' holds no unfinished run of this recipe with a complete checkpoint; "
+            "run without --resume to start one"
+        )
     tokenizer = load_tokenizer(recipe.model)
     check_max_length(recipe)
     data = _prepare_shared(recipe, tokenizer, state)
@@ -178,14 +187,6 @@ def _run(recipe: Recipe, state: Any, say: Any, require_resume: bool) -> TrainRes
     say("checks: " + "; ".join(finding.line() for finding in findings))
     if data.eval_report is not None:
         say(f"eval data: {data.eval_report.summary()}")
-    run_dir = RunDirectory.plan(recipe.output.dir, recipe.fingerprint(), recipe.output.overwrite)
-    if require_resume and run_dir.resume_from is None:
-        raise UserError(
-            f"--resume: '{recipe.output.dir}' holds no unfinished run of this recipe with a complete checkpoint; "
-            "run without --resume to start one"
-        )
-    if recipe.model.trust_remote_code:
-        say(f"model.trust_remote_code is true: Python code shipped with '{recipe.model.name_or_path}' will run here")
     sft_config = build_sft_config(recipe, str(run_dir.checkpoints), has_eval=data.eval is not None)
     source = recipe.data.train
     prompts = [render_prompt_ids(tokenizer, source.format, text, source.template) for text in recipe.output.sample_prompts]

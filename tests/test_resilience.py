@@ -146,4 +146,4 @@ def test_trust_remote_code_is_off_by_default_and_announced_when_on(tmp_path: Pat
     tree["model"]["trust_remote_code"] = True
     lines: list[str] = []
     run_training(load_recipe(write_recipe(tmp_path / "r.yaml", tree)), say=lambda line: lines.append(str(line)))
-    assert any("trust_remote_code is true" in line and "will run here" in line for line in lines)
+    assert "trust_remote_code is true" in lines[0] and "will run here" in lines[0]  # before anything is loaded
