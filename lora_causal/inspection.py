@@ -223,9 +223,14 @@ def render_html(tokenizer: Any, prepared: PreparedData, labels: list[list[int]],
                          f"{esc(token_text(tokenizer, token_id))}</span>")
         parts.append("</p><table><tr><th>pos</th><th>context</th><th>trained to predict</th></tr>")
         for position in range(1, len(ids)):
-            context = esc("".join(token_text(tokenizer, t) for t in ids[max(0, position - 12) : position]))
-            target = "masked" if example_labels[position] == -100 else esc(repr(token_text(tokenizer, ids[position])))
-            parts.append(f"<tr><td>{position}</td><td>{context}</td><td>{target}</td></tr>")
+            context = ("…" if position > 12 else "") + "".join(
+                token_text(tokenizer, t) for t in ids[max(0, position - 12) : position]
+            )
+            if example_labels[position] == -100:
+                target = "<td class='masked'>masked</td>"
+            else:
+                target = f"<td class='target'>{esc(repr(token_text(tokenizer, ids[position])))}</td>"
+            parts.append(f"<tr><td>{position}</td><td>{esc(context)}</td>{target}</tr>")
         parts.append("</table>")
     parts.append("</body></html>")
     return "".join(parts)
