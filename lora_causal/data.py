@@ -491,6 +491,6 @@ def _split_reports(
         base.longest = max((len(example["input_ids"]) for example in examples), default=0)
         return base
 
-    train_report = measure(train, DataReport(**{**asdict(full)}))
+    train_report = measure(train, DataReport(**asdict(full)))
     eval_report = measure(held_out, DataReport(rows=len(held_out)))
     return train_report, eval_report

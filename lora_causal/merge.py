@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -287,7 +285,7 @@ def merge_adapter(  # noqa: PLR0913
     import torch
 
     from lora_causal.model import load_base_model
-    from lora_causal.rundir import replace_dir_atomic, write_json_atomic
+    from lora_causal.rundir import write_dir_atomic, write_json_atomic
 
     if base not in BASES:
         raise UserError(f"--base must be one of {', '.join(BASES)}, not '{base}'")
@@ -296,6 +294,8 @@ def merge_adapter(  # noqa: PLR0913
     target = Path(out).expanduser().resolve()
     check_output(target, force)
     source = locate_adapter(path, base_model, revision)
+    if base == "nf4-roundtrip" and source.quantization.mode not in ("nf4", "fp4"):
+        raise UserError(f"--base nf4-roundtrip needs a 4-bit trained adapter; this one trained with {source.quantization.mode}")
     check_adapter_fits(source)
     dtype = getattr(torch, dtype_name)
     tokenizer = adapter_tokenizer(source)
@@ -310,8 +310,6 @@ def merge_adapter(  # noqa: PLR0913
     unquantized_logits = logits_for(dense, sample)
     dense = dense.unload()  # the bare base again, adapter layers removed without merging
     if base == "nf4-roundtrip":
-        if source.quantization.mode not in ("nf4", "fp4"):
-            raise UserError(f"--base nf4-roundtrip needs a 4-bit trained adapter; this one trained with {source.quantization.mode}")
         copy_nf4_weights_into(dense, quantized)
     del quantized
 
@@ -340,19 +338,13 @@ def merge_adapter(  # noqa: PLR0913
         "verdict": verdict(base, vs_trained, vs_unquantized),
     }
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    def write(staging: Path) -> None:
         merged.config.use_cache = True
         merged.save_pretrained(staging, max_shard_size="5GB")
         tokenizer.save_pretrained(staging)
         write_json_atomic(staging / REPORT, report)
-        if target.exists() and not any(target.iterdir()):
-            target.rmdir()
-        replace_dir_atomic(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+
+    write_dir_atomic(target, write)
     return report
 
 

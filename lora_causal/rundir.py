@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lora_causal import __version__
 from lora_causal.errors import UserError
@@ -74,6 +74,21 @@ def replace_dir_atomic(staging: Path, target: Path) -> None:
     staging.rename(target)
     if old.exists():
         shutil.rmtree(old)
+
+
+def write_dir_atomic(target: Path, write: Callable[[Path], None]) -> None:
+    """Let `write` fill a fresh staging folder beside `target`, then move it into place in one rename.
+
+    If `write` fails, the staging folder is removed: nothing half-written is left beside `target`.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(staging)
+        replace_dir_atomic(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def library_versions() -> dict[str, str]:

@@ -413,17 +413,13 @@ def _save_adapter(trainer: Any, model: Any, tokenizer: Any, target: Path, is_mai
     into a staging folder all of them can name; otherwise the main process saves it alone.
     """
     import shutil
-    import tempfile
 
     from lora_causal.model import sharded_training
-    from lora_causal.rundir import replace_dir_atomic
+    from lora_causal.rundir import replace_dir_atomic, write_dir_atomic
 
     if not sharded_training():
         if is_main:
-            staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=target.parent))
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            replace_dir_atomic(staging, target)
+            write_dir_atomic(target, lambda staging: (model.save_pretrained(staging), tokenizer.save_pretrained(staging)))
         return
     staging = target.with_name(f".{target.name}-staging")
     if is_main and staging.exists():

@@ -194,3 +194,17 @@ def test_generate_samples_reproducibly_with_a_seed_and_raw_prompts(trained_run: 
     assert answers[0] == answers[1]  # same seed, same sample
     assert main(["generate", str(trained_run), "--prompt", "the dog", "--raw", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.strip() != ""
+
+
+def test_nf4_roundtrip_of_an_int8_adapter_is_refused_before_loading(tmp_path: Path, tiny_model_dir: Path, capfd) -> None:
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
+    tree = base_recipe(tiny_model_dir, data, tmp_path / "run", train={"max_steps": 1},
+                       quantization={"mode": "int8", "double_quant": False})
+    run_training(load_recipe(write_recipe(tmp_path / "r.yaml", tree)), say=lambda *_: None)
+    capfd.readouterr()
+    code = main(["merge", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--base", "nf4-roundtrip"])
+    err = capfd.readouterr().err
+    assert code == 2 and err.strip().splitlines() == [
+        "error: --base nf4-roundtrip needs a 4-bit trained adapter; this one trained with int8"
+    ]  # no loading progress before it: refused before any weights load
+    assert not (tmp_path / "out").exists()

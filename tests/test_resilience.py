@@ -147,3 +147,22 @@ def test_trust_remote_code_is_off_by_default_and_announced_when_on(tmp_path: Pat
     lines: list[str] = []
     run_training(load_recipe(write_recipe(tmp_path / "r.yaml", tree)), say=lambda line: lines.append(str(line)))
     assert "trust_remote_code is true" in lines[0] and "will run here" in lines[0]  # before anything is loaded
+
+
+def test_a_failed_folder_write_leaves_no_staging_folder(tmp_path: Path) -> None:
+    from lora_causal.rundir import write_dir_atomic
+
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "old.txt").write_text("previous adapter")
+
+    def fail(staging: Path) -> None:
+        (staging / "half.bin").write_bytes(b"\x00" * 10)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_dir_atomic(target, fail)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no staging folder left
+    assert (target / "old.txt").read_text() == "previous adapter"  # the old one untouched
+    write_dir_atomic(target, lambda staging: (staging / "new.txt").write_text("new"))
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
