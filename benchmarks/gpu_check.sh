@@ -1,48 +1,69 @@
 #!/usr/bin/env bash
-# The GPU check: GPU tests, then `lora-causal bench` (stock vs lora_causal) on the Llama-3.2-1B and
-# Llama-3.1-8B shapes, about 8 minutes on one H100/H200. Prints a short table last.
+# The GPU check, in order of importance, inside a time budget: the GPU tests, `lora-causal bench` stock vs the
+# project's defaults on the Llama-3.1-8B shape (with a torch.profiler summary of one step of each), the lever arms
+# on the Llama-3.2-1B shape, then single-sequence probes near 80k tokens on the 8B shape under 24 GiB. A stage that
+# would start after the budget is skipped (and says so), so the script ends in time with what it measured.
 #
 #   benchmarks/gpu_check.sh [OUTPUT_FOLDER]
 #
 # OUTPUT_FOLDER defaults to $OUT_DIR, else $OUT, else benchmarks/results/<date>-<gpu>. Environment knobs:
-#   SHAPES="llama-3.2-1b llama-3.1-8b"  STEPS=20  WARMUP=3  MB_1B=8  MB_8B=4
-#   ARMS_1B="stock,lora_causal,lora_causal+padding_free,lora_causal+varlen"  ARMS_8B="stock,lora_causal"
-#   MAX_CONTEXT=1   also bisect the longest 8B sequence under 24 GiB (several minutes more)
-# Needs trl, peft, bitsandbytes, datasets and pydantic importable (see ../shared/gpu/README.md for carried wheels).
-# On a CPU it runs too (SHAPES=tiny STEPS=4), as a dry run of the script itself.
-set -euo pipefail
+#   BUDGET_S=540  STEPS_8B=12  STEPS_1B=16  WARMUP=3  MB_1B=8  MB_8B=4
+#   ARMS_8B="stock,lora_causal"
+#   ARMS_1B="stock,lora_causal,lora_causal+padded,lora_causal+packed_sdpa,lora_causal+no_checkpointing"
+#   CONTEXT_ARMS="lora_causal+offload,lora_causal"  CONTEXT_LENGTHS=81920
+#   SHAPE_8B=llama-3.1-8b  SHAPE_1B=llama-3.2-1b   (SHAPE_8B=tiny SHAPE_1B=tiny for a CPU dry run of the script)
+# Needs trl, peft, bitsandbytes, datasets and pydantic importable (carried wheels on a machine without them).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python=${PYTHON:-python3}
 device=$("$python" -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" | tr ' ' '-')
 out=${1:-${OUT_DIR:-${OUT:-benchmarks/results/$(date +%F)-$device}}}
-shapes=${SHAPES:-llama-3.2-1b llama-3.1-8b}
-steps=${STEPS:-20}
+budget=${BUDGET_S:-540}
 warmup=${WARMUP:-3}
+shape_8b=${SHAPE_8B:-llama-3.1-8b}
+shape_1b=${SHAPE_1B:-llama-3.2-1b}
 mkdir -p "$out"
-echo "device: $device; results in $out"
+echo "device: $device; results in $out; budget ${budget}s"
 
-"$python" -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -3 || true
+# stage NAME ESTIMATE_S COMMAND...: run it if it can finish within the budget, bounded by what is left
+stage() {
+  local name=$1 estimate=$2; shift 2
+  local left=$((budget - SECONDS))
+  if [ "$left" -lt "$estimate" ]; then
+    echo "== skipped $name: ${left}s left of the budget, it needs about ${estimate}s"
+    return 0
+  fi
+  echo "== $name (${left}s left)"
+  timeout --signal=TERM "$left" "$@" 2>&1 | tee "$out/$name.log" | grep -v -E "it/s\]|s/it\]" | tail -n 8
+}
 
-for shape in $shapes; do
-  case $shape in
-    *8b*|*7b*) micro_batch=${MB_8B:-4}; arms=${ARMS_8B:-stock,lora_causal} ;;
-    *1b*) micro_batch=${MB_1B:-8}; arms=${ARMS_1B:-stock,lora_causal,lora_causal+padding_free,lora_causal+varlen} ;;
-    *) micro_batch=4; arms=${ARMS_1B:-stock,lora_causal,lora_causal+padding_free,lora_causal+varlen} ;;
-  esac
-  echo "== bench $shape (arms $arms, micro-batch $micro_batch, $steps steps)"
-  "$python" -m lora_causal bench --shape "$shape" --arms "$arms" --out "$out/$shape" --steps "$steps" \
-    --warmup "$warmup" --micro-batch "$micro_batch" 2>&1 | tee "$out/$shape.log" | tail -2
-done
+"$python" - <<'EOF' 2>&1 | tee "$out/environment.txt"
+import inspect, torch, transformers
+print("torch", torch.__version__, "cuda", torch.version.cuda, "transformers", transformers.__version__)
+if torch.cuda.is_available():
+    print("gpu", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+try:
+    from torch.nn.attention.varlen import varlen_attn
+    print("varlen_attn", inspect.signature(varlen_attn))
+except ImportError as exc:
+    print("no varlen_attn:", exc)
+EOF
 
-if [ "${MAX_CONTEXT:-0}" = 1 ]; then
-  "$python" -m lora_causal bench --shape llama-3.1-8b --max-context --memory-cap-gib 24 \
-    --arms "${ARMS_CONTEXT:-stock,lora_causal+offload}" \
-    --out "$out/llama-3.1-8b-max-context" 2>&1 | tee "$out/max-context.log" | tail -6
-fi
+stage gpu-tests 90 "$python" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+stage "bench-$shape_8b" 200 "$python" -m lora_causal bench --shape "$shape_8b" --arms "${ARMS_8B:-stock,lora_causal}" \
+  --out "$out/$shape_8b" --steps "${STEPS_8B:-12}" --warmup "$warmup" --micro-batch "${MB_8B:-4}" --profile
+stage "bench-$shape_1b" 100 "$python" -m lora_causal bench --shape "$shape_1b" \
+  --arms "${ARMS_1B:-stock,lora_causal,lora_causal+padded,lora_causal+packed_sdpa,lora_causal+no_checkpointing}" \
+  --out "$out/$shape_1b" --steps "${STEPS_1B:-16}" --warmup "$warmup" --micro-batch "${MB_1B:-8}"
+stage "max-context-$shape_8b" 100 "$python" -m lora_causal bench --shape "$shape_8b" --max-context --memory-cap-gib 24 \
+  --arms "${CONTEXT_ARMS:-lora_causal+offload,lora_causal}" --context-lengths "${CONTEXT_LENGTHS:-81920}" \
+  --out "$out/$shape_8b-max-context"
 
 echo
-echo "== summary ($device)"
-for shape in $shapes; do
-  [ -f "$out/$shape/bench.md" ] && cat "$out/$shape/bench.md" && echo
+echo "== summary ($device, ${SECONDS}s)"
+for folder in "$out/$shape_8b" "$out/$shape_1b"; do
+  [ -f "$folder/bench.md" ] && cat "$folder/bench.md" && echo
 done
+[ -f "$out/$shape_8b-max-context/max_context.md" ] && cat "$out/$shape_8b-max-context/max_context.md"
+exit 0

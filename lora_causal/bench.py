@@ -5,10 +5,11 @@ is measured by the same code: non-pad and supervised tokens/s, step time, peak m
 and the load time. The stock arm is what the TRL and peft docs show: a BitsAndBytesConfig NF4 model, a
 LoraConfig passed to SFTTrainer, TRL's own collator and defaults.
 
-FLOPs per token (for MFU) = 4 * N_matmul + 4 * layers * hidden * mean_context, where N_matmul counts every
+FLOPs per token (for MFU) = 4 * N_matmul + 12 * layers * hidden * mean_context, where N_matmul counts every
 weight a token is multiplied through (lm_head included). The base is frozen, so the backward pass computes
 activation gradients (2N) but no weight gradients; recomputation by gradient checkpointing is not counted
-(these are model FLOPs, not hardware FLOPs). The attention term is causal QK^T and AV, forward and backward.
+(these are model FLOPs, not hardware FLOPs). The attention term is causal QK^T and AV: 4 * hidden * context
+forward, twice that backward (gradients of Q, K and V all flow back to the adapters).
 """
 
 from __future__ import annotations
@@ -31,18 +32,24 @@ from lora_causal.data import padding_fraction
 from lora_causal.errors import UserError, first_line
 from lora_causal.rundir import library_versions
 
-# lora_causal arms: the project's defaults, then single levers on top of them (DESIGN.md's performance plan).
+# lora_causal arms: exactly the project's defaults (`auto` batching: padding-free + varlen where exact), then one
+# change each on top of them, for comparison.
 LEVERS: dict[str, dict[str, Any]] = {
     "lora_causal": {},
-    "lora_causal+padding_free": {"train": {"padding_free": True}},
-    "lora_causal+varlen": {"train": {"padding_free": True}, "model": {"attn_implementation": "varlen"}},
+    # the stock batching (padded rows, the model's own attention) with our collator and adapter settings
+    "lora_causal+padded": {"train": {"padding_free": False}},
+    # packed rows, but the model's sdpa with the block-diagonal mask transformers builds from position_ids
+    "lora_causal+packed_sdpa": {"train": {"padding_free": True}, "model": {"attn_implementation": "sdpa"}},
+    # no recomputation in the backward pass: faster where memory allows
+    "lora_causal+no_checkpointing": {"train": {"gradient_checkpointing": False}},
     # for --max-context: activations parked in CPU memory between forward and backward (GPU only)
-    "lora_causal+offload": {"train": {"padding_free": True, "activation_offloading": True},
-                            "model": {"attn_implementation": "varlen"}},
+    "lora_causal+offload": {"train": {"activation_offloading": True}},
 }
 ARMS = ("stock", *LEVERS)
 DEFAULT_ARMS = ("stock", "lora_causal")
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}  # dense bf16
+# dense bf16 TFLOP/s by device name, the more specific names first (PCIe and NVL cards run at lower clocks)
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+               "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 
 @dataclass
@@ -62,6 +69,7 @@ class BenchSpec:
     lora_r: int = 16
     lora_alpha: int = 32
     max_context: int | None = None  # probe: one sequence of this length, one step
+    profile_step: int | None = None  # profile this optimizer step (0-based) with torch.profiler
 
 
 @dataclass
@@ -79,6 +87,8 @@ class ArmResult:
     peak_reserved_gib: float | None = None
     peak_rss_gib: float = 0.0
     device: str = ""
+    batching: str = ""  # the plan line of lora_causal arms
+    profile: str = ""  # torch.profiler's table of the profiled step, top kernels by time
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -102,7 +112,7 @@ def synthetic_examples(lengths: list[int], vocab: int, seed: int) -> list[list[i
 # One arm, in its own process
 
 
-def _timing_callback(result: ArmResult, meter: Any) -> Any:
+def _timing_callback(result: ArmResult, meter: Any, profile_step: int | None = None) -> Any:
     import torch
     from transformers import TrainerCallback
 
@@ -110,13 +120,21 @@ def _timing_callback(result: ArmResult, meter: Any) -> Any:
         def __init__(self) -> None:
             self.last = time.perf_counter()
             self.tokens = self.targets = self.padded = 0
+            self.profiler: Any = None
 
         def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
             self.last = time.perf_counter()
 
+        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            if profile_step is not None and state.global_step == profile_step:
+                self.profiler = _start_profiler()
+
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
+            if self.profiler is not None:
+                result.profile = _stop_profiler(self.profiler)
+                self.profiler = None
             now = time.perf_counter()
             result.step_s.append(now - self.last)
             result.tokens.append(meter.tokens - self.tokens)
@@ -129,6 +147,25 @@ def _timing_callback(result: ArmResult, meter: Any) -> Any:
                 result.losses.append(float(logs["loss"]))
 
     return StepTimer()
+
+
+def _start_profiler() -> Any:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    profiler = profile(activities=activities)
+    profiler.__enter__()
+    return profiler
+
+
+def _stop_profiler(profiler: Any, rows: int = 20) -> str:
+    """The profiled step's top operators by self time on the device (the CPU without one)."""
+    import torch
+
+    profiler.__exit__(None, None, None)
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 
 def _stock_args(spec: BenchSpec, output_dir: str) -> Any:
@@ -167,13 +204,14 @@ def _run_stock(spec: BenchSpec, examples: list[list[int]], result: ArmResult, wo
         meter=meter, model=model, args=_stock_args(spec, workdir),
         train_dataset=Dataset.from_dict({"input_ids": examples}), peft_config=peft_config,
         processing_class=AutoTokenizer.from_pretrained(spec.model_dir),
-        callbacks=[_timing_callback(result, meter)],
+        callbacks=[_timing_callback(result, meter, spec.profile_step)],
     )
     result.load_s = time.perf_counter() - start
     trainer.train()
 
 
 def _run_lora_causal(spec: BenchSpec, examples: list[list[int]], result: ArmResult, workdir: str) -> None:
+    from lora_causal.batching import apply_plan, plan_for_recipe
     from lora_causal.config import Recipe
     from lora_causal.data import DataReport, PreparedData
     from lora_causal.metrics import TokenMeter
@@ -191,6 +229,9 @@ def _run_lora_causal(spec: BenchSpec, examples: list[list[int]], result: ArmResu
                   "lr_scheduler": "linear", **lever.get("train", {})},
         "output": {"dir": workdir, "save_steps": 10**9},
     })
+    plan = plan_for_recipe(recipe)  # what `lora-causal train` would run here
+    result.batching = plan.line()
+    recipe = apply_plan(recipe, plan)
     start = time.perf_counter()
     tokenizer = load_tokenizer(recipe.model)
     model = attach_lora(load_base_model(recipe.model, recipe.quantization, spec.seed), recipe.lora, spec.seed)
@@ -199,7 +240,8 @@ def _run_lora_causal(spec: BenchSpec, examples: list[list[int]], result: ArmResu
     args = build_sft_config(recipe, workdir, has_eval=False)
     args.save_strategy, args.disable_tqdm = "no", True
     meter = TokenMeter()
-    trainer = build_trainer(recipe, model, tokenizer, data, args, meter=meter, callbacks=[_timing_callback(result, meter)])
+    trainer = build_trainer(recipe, model, tokenizer, data, args, meter=meter,
+                            callbacks=[_timing_callback(result, meter, spec.profile_step)])
     result.load_s = time.perf_counter() - start  # like the stock arm: model, adapter and trainer ready
     trainer.train()
 
@@ -248,7 +290,8 @@ def _arm_in_subprocess(spec: BenchSpec, timeout: int) -> ArmResult:
 
 
 def flops_per_token(counts: dict[str, int], mean_context: float) -> float:
-    return 4 * counts["matmul"] + 4 * counts["layers"] * counts["hidden"] * mean_context
+    """Model FLOPs per trained token: matmuls forward + activation gradients, attention forward + backward."""
+    return 4 * counts["matmul"] + 12 * counts["layers"] * counts["hidden"] * mean_context
 
 
 def peak_tflops(device: str) -> float | None:
@@ -266,7 +309,8 @@ def summarise(result: ArmResult, warmup: int, counts: dict[str, int], mean_conte
     peak = peak_tflops(result.device)
     mfu = tokens_per_s * flops_per_token(counts, mean_context) / (peak * 1e12) if peak else None
     return {
-        "arm": result.arm, "ok": True, "device": result.device, "load_s": round(result.load_s, 2),
+        "arm": result.arm, "ok": True, "device": result.device, "batching": result.batching,
+        "load_s": round(result.load_s, 2),
         "measured_steps": len(result.step_s[measured]),
         "step_s": round(seconds / max(len(result.step_s[measured]), 1), 4),
         "tokens_per_s": round(tokens_per_s, 1), "supervised_tokens_per_s": round(targets / seconds, 1),
@@ -312,7 +356,8 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{data['max_length']}, mean {data['mean_length']:.0f}), micro-batch {data['micro_batch']} x accumulation "
             f"{data['grad_accum']}, {report['steps']} steps ({report['warmup']} warm-up), padding share at this "
             f"batch size {data['padding_share']:.1%}.")
-    return head + "\n\n" + "\n".join(rows) + "\n"
+    plans = [f"- {arm['arm']}: {arm['batching']}" for arm in report["arms"] if arm.get("batching")]
+    return head + "\n\n" + "\n".join(rows) + "\n" + ("\n" + "\n".join(plans) + "\n" if plans else "")
 
 
 def chart_png(report: dict[str, Any], path: Path) -> None:
@@ -354,7 +399,9 @@ def prepare_model(shape: str, seed: int) -> tuple[Path, dict[str, int]]:
     with tempfile.TemporaryDirectory(prefix="bench-shape-") as folder:
         config_dir = write_shape_config(shape, Path(folder))
         counts = parameter_counts(config_dir)
-        weights = materialize_random_model(config_dir, seed=seed)
+        import torch
+
+        weights = materialize_random_model(config_dir, seed=seed, device="cuda" if torch.cuda.is_available() else "cpu")
     if not (weights / "tokenizer.json").is_file():  # the trainers need a tokenizer; synthetic ids need no real one
         tokenizer = train_tiny_tokenizer(["synthetic benchmark text"], vocab_size=300)
         tokenizer.save_pretrained(weights)
@@ -364,9 +411,13 @@ def prepare_model(shape: str, seed: int) -> tuple[Path, dict[str, int]]:
 def run_bench(  # noqa: PLR0913
     shape: str, out: Path, arms: tuple[str, ...] = DEFAULT_ARMS, micro_batch: int = 4, grad_accum: int = 1, steps: int = 20,
     warmup: int = 3, median: int = 512, sigma: float = 0.7, max_length: int = 2048, seed: int = 0,
-    timeout: int = 3600, say: Any = print, command: str = "",
+    timeout: int = 3600, say: Any = print, command: str = "", profile: bool = False,
 ) -> dict[str, Any]:
-    """Benchmark the arms on one shape; write bench.json, bench.md and bench.png into `out`."""
+    """Benchmark the arms on one shape; write bench.json, bench.md and bench.png into `out`.
+
+    bench.json and bench.md are rewritten after every arm, so a run stopped part-way keeps what it measured. With
+    `profile`, the last warm-up step of each arm is profiled into profile-ARM.txt (top operators by device time).
+    """
     if warmup >= steps:
         raise UserError(f"--warmup ({warmup}) must be smaller than --steps ({steps})")
     weights, counts = prepare_model(shape, seed)
@@ -374,12 +425,34 @@ def run_bench(  # noqa: PLR0913
     max_length = min(max_length, counts["max_positions"])
     lengths = synthetic_lengths(steps * micro_batch * grad_accum, median, sigma, max_length, seed)
     mean_context = sum(lengths) / len(lengths) / 2  # a token attends to half its sequence on average (causal)
-    results = []
+    from lora_causal.rundir import write_json_atomic, write_text_atomic
+
+    results: list[dict[str, Any]] = []
+    report: dict[str, Any] = {}
     for arm in arms:
         say(f"running arm {arm} ({steps} steps of {micro_batch} x {grad_accum} examples)")
         spec = BenchSpec(arm=arm, model_dir=str(weights), shape=shape, lengths=lengths, vocab=counts["vocab"],
-                         micro_batch=micro_batch, grad_accum=grad_accum, steps=steps, warmup=warmup, seed=seed)
-        results.append(summarise(_arm_in_subprocess(spec, timeout), warmup, counts, mean_context))
+                         micro_batch=micro_batch, grad_accum=grad_accum, steps=steps, warmup=warmup, seed=seed,
+                         profile_step=max(warmup - 1, 0) if profile else None)
+        result = _arm_in_subprocess(spec, timeout)
+        if result.profile:
+            write_text_atomic(out / f"profile-{arm}.txt", f"{arm}, {shape}, step {spec.profile_step}:\n{result.profile}")
+        results.append(summarise(result, warmup, counts, mean_context))
+        say(f"  {arm}: " + (f"{results[-1]['tokens_per_s']:,.0f} tokens/s, {results[-1]['batching']}" if results[-1]["ok"]
+                             else f"failed: {results[-1]['error']}"))
+        report = _bench_report(shape, command, counts, mean_context, steps, warmup, lengths, median, sigma, max_length,
+                               micro_batch, grad_accum, seed, results)
+        write_json_atomic(out / "bench.json", report)
+        write_text_atomic(out / "bench.md", markdown_table(report))
+    chart_png(report, out / "bench.png")
+    return report
+
+
+def _bench_report(  # noqa: PLR0913
+    shape: str, command: str, counts: dict[str, int], mean_context: float, steps: int, warmup: int, lengths: list[int],
+    median: int, sigma: float, max_length: int, micro_batch: int, grad_accum: int, seed: int,
+    results: list[dict[str, Any]],
+) -> dict[str, Any]:
     report = {
         "shape": shape, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
         "hardware": hardware(), "versions": library_versions(), "parameters": counts,
@@ -397,20 +470,17 @@ def run_bench(  # noqa: PLR0913
             report["memory_vs_stock"] = {arm["arm"]: round(arm["peak_allocated_gib"] / stock["peak_allocated_gib"], 3) for arm in ok}
     if len(ok) > 1:
         report["same_tokens"] = len({(arm["tokens_total"], arm["supervised_tokens_total"]) for arm in ok}) == 1
-    from lora_causal.rundir import write_json_atomic, write_text_atomic
-
-    write_json_atomic(out / "bench.json", report)
-    write_text_atomic(out / "bench.md", markdown_table(report))
-    chart_png(report, out / "bench.png")
     return report
 
 
 def run_max_context(  # noqa: PLR0913
     shape: str, out: Path, cap_gib: float, arms: tuple[str, ...] = DEFAULT_ARMS, low: int = 256, high: int | None = None,
     step: int = 256, seed: int = 0, timeout: int = 3600, say: Any = print, command: str = "",
+    lengths: list[int] | None = None,
 ) -> dict[str, Any]:
     """Bisect, per arm, the longest single sequence whose training step fits under `cap_gib` (GPU allocated, or
-    peak RSS on a CPU); write max_context.json and .md into `out`."""
+    peak RSS on a CPU); write max_context.json and .md into `out`. With `lengths`, probe just those lengths
+    (longest fitting one reported), which takes a few probes instead of a whole bisection."""
     weights, counts = prepare_model(shape, seed)
     out.mkdir(parents=True, exist_ok=True)
     high = min(high or counts["max_positions"], counts["max_positions"])
@@ -430,7 +500,9 @@ def run_max_context(  # noqa: PLR0913
 
         best = None
         lo, hi = low // step, high // step  # bisect over multiples of `step`
-        if fits(lo * step):
+        if lengths:
+            best = max((length for length in sorted(lengths) if length <= high and fits(length)), default=None)
+        elif fits(lo * step):
             best = lo * step
             while lo < hi:
                 mid = (lo + hi + 1) // 2
@@ -441,13 +513,15 @@ def run_max_context(  # noqa: PLR0913
         found[arm] = {"longest": best, "probes": probes}
     report = {"shape": shape, "cap_gib": cap_gib, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": command, "hardware": hardware(), "versions": library_versions(), "arms": found,
-              "search": {"low": low, "high": high, "step": step}}
+              "search": {"lengths": sorted(lengths)} if lengths else {"low": low, "high": high, "step": step}}
     from lora_causal.rundir import write_json_atomic, write_text_atomic
 
     write_json_atomic(out / "max_context.json", report)
     lines = [f"Longest single sequence that trains under {cap_gib} GiB, **{shape}**, {report['date']}:", "",
              "| arm | longest sequence (tokens) |", "| --- | --- |"]
     lines += [f"| {arm} | {value['longest']} |" for arm, value in found.items()]
+    if lengths:
+        lines += ["", f"Probed lengths only: {', '.join(map(str, sorted(lengths)))} (no bisection)."]
     write_text_atomic(out / "max_context.md", "\n".join(lines) + "\n")
     return report
 

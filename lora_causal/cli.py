@@ -51,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--shape", default="tiny", help="tiny, llama-3.2-1b, llama-3.1-8b, qwen2.5-7b, or a config.json")
     bench.add_argument("--out", required=True, help="folder for bench.json, bench.md and bench.png")
     bench.add_argument("--arms", default="stock,lora_causal",
-                       help="comma-separated: stock, lora_causal, lora_causal+padding_free, lora_causal+varlen, "
-                            "lora_causal+offload (GPU only)")
+                       help="comma-separated: stock, lora_causal (the project's defaults), lora_causal+padded, "
+                            "lora_causal+packed_sdpa, lora_causal+no_checkpointing, lora_causal+offload (GPU only)")
     bench.add_argument("--micro-batch", type=int, default=4)
     bench.add_argument("--grad-accum", type=int, default=1)
     bench.add_argument("--steps", type=int, default=20)
@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--max-context", action="store_true", help="find the longest single sequence under --memory-cap-gib")
     bench.add_argument("--memory-cap-gib", type=float, default=24.0)
+    bench.add_argument("--context-lengths", help="with --max-context: probe these comma-separated lengths, no bisection")
+    bench.add_argument("--profile", action="store_true",
+                       help="profile each arm's last warm-up step (torch.profiler) into profile-ARM.txt")
 
     merge = commands.add_parser("merge", help="merge an adapter into its base model and measure the merge")
     merge.add_argument("source", metavar="RUN_DIR_OR_ADAPTER", help="a run directory or an adapter folder")
@@ -102,6 +105,7 @@ def _quiet_libraries() -> None:
 def _validate(recipe_path: str, overrides: Sequence[str]) -> None:
     import json
 
+    from lora_causal.batching import plan_for_recipe
     from lora_causal.config import load_recipe
     from lora_causal.train import describe_configs
 
@@ -111,6 +115,7 @@ def _validate(recipe_path: str, overrides: Sequence[str]) -> None:
     print("# built without loading weights:")
     for name, config in configs.items():
         print(f"# {name}: {json.dumps(config, default=str)}")
+    print(f"# {plan_for_recipe(recipe).line()}")
     print(f"# recipe is valid (fingerprint {recipe.fingerprint()})")
 
 
@@ -179,12 +184,21 @@ def _bench(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     command = " ".join(["lora-causal", *sys.argv[1:]])
+    lengths = None
+    if args.context_lengths:
+        try:
+            lengths = [int(value) for value in args.context_lengths.split(",") if value.strip()]
+        except ValueError:
+            raise UserError(f"--context-lengths: '{args.context_lengths}' is not a comma-separated list of integers") from None
+        if not lengths or min(lengths) < 1:
+            raise UserError("--context-lengths: give positive token counts, such as 32768,81920")
     if args.max_context:
-        report = run_max_context(args.shape, Path(args.out), args.memory_cap_gib, arms, seed=args.seed, command=command)
+        report = run_max_context(args.shape, Path(args.out), args.memory_cap_gib, arms, seed=args.seed, command=command,
+                                 lengths=lengths)
         print((Path(args.out) / "max_context.md").read_text(), end="")
         return
     report = run_bench(args.shape, Path(args.out), arms, args.micro_batch, args.grad_accum, args.steps, args.warmup,
-                       args.median, args.sigma, args.max_length, args.seed, command=command)
+                       args.median, args.sigma, args.max_length, args.seed, command=command, profile=args.profile)
     print(markdown_table(report), end="")
     if "speedup_vs_stock" in report:
         ratios = ", ".join(f"{arm} {ratio}x" for arm, ratio in report["speedup_vs_stock"].items() if arm != "stock")

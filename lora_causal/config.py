@@ -169,7 +169,9 @@ class TrainSection(_Section):
     gradient_checkpointing: bool = True
     # Keep checkpointed activations in CPU memory between forward and backward (long context; needs a GPU).
     activation_offloading: bool = False
-    padding_free: bool = False
+    # auto: padding-free rows with varlen attention where that is exact and fast here (CUDA + Flash Attention, or
+    # the CPU), padded batches otherwise; false is the stock path (see lora_causal.batching)
+    padding_free: Literal["auto"] | bool = "auto"
     # Pack examples (best fit decreasing) into micro-batches of at most this many tokens instead of
     # micro_batch_size examples; needs padding_free. Examples per optimizer step then vary, tokens do not.
     token_budget: PositiveInt | None = None
@@ -179,12 +181,14 @@ class TrainSection(_Section):
 
     @model_validator(mode="after")
     def _padding_modes_agree(self) -> TrainSection:
-        if self.padding_free and self.pad_to_multiple_of is not None:
+        if self.padding_free is True and self.pad_to_multiple_of is not None:
             raise ValueError(
                 "pad_to_multiple_of pads rows, but padding_free: true has no padding; remove one of them"
             )
-        if self.token_budget is not None and not self.padding_free:
-            raise ValueError("token_budget packs examples into padding-free rows; set train.padding_free: true")
+        if self.token_budget is not None and self.padding_free is False:
+            raise ValueError("token_budget packs examples into padding-free rows; set train.padding_free: true or auto")
+        if self.token_budget is not None and self.pad_to_multiple_of is not None:
+            raise ValueError("token_budget packs padding-free rows, but pad_to_multiple_of pads rows; remove one of them")
         if self.token_budget is not None and "micro_batch_size" in self.model_fields_set:
             raise ValueError("token_budget replaces micro_batch_size (micro-batches hold tokens, not examples); "
                              "remove micro_batch_size")
@@ -234,10 +238,12 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> Recipe:
-        if self.model.attn_implementation == "varlen" and not self.train.padding_free:
+        if self.model.attn_implementation == "varlen" and (
+            self.train.padding_free is False or self.train.pad_to_multiple_of is not None
+        ):
             raise ValueError(
                 "model.attn_implementation: varlen works on padding-free batches; set train.padding_free: true "
-                "or choose another attention"
+                "(and no pad_to_multiple_of) or choose another attention"
             )
         if self.train.token_budget is not None and self.train.token_budget < self.data.max_length:
             raise ValueError(

@@ -43,6 +43,8 @@ class Stats:
 
 
 def dataset_stats(prepared: PreparedData, recipe: Recipe) -> Stats:
+    from lora_causal.batching import resolved
+
     report = prepared.train_report
     lengths = [len(example["input_ids"]) for example in prepared.train]
     return Stats(
@@ -52,7 +54,7 @@ def dataset_stats(prepared: PreparedData, recipe: Recipe) -> Stats:
         dropped_no_targets=report.dropped_no_targets,
         dropped_too_long=report.dropped_too_long,
         truncated=report.truncated,
-        padding_fraction=0.0 if recipe.train.padding_free else padding_fraction(
+        padding_fraction=0.0 if resolved(recipe).train.padding_free else padding_fraction(
             lengths, recipe.train.micro_batch_size, recipe.train.seed, recipe.train.pad_to_multiple_of
         ),
         lengths=lengths,

@@ -7,27 +7,43 @@ import resource
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
 
-@dataclass
 class TokenMeter:
-    """Running totals of the batches training has consumed."""
+    """Running totals of the batches training has consumed.
 
-    tokens: int = 0  # real (non-pad) tokens
-    target_tokens: int = 0  # positions the loss scores
-    padded: int = 0  # positions computed, padding included
+    Counts computed on the GPU stay there (adding them queues work, it never waits for the GPU); a total is
+    read back, one host sync, only when it is asked for (once per logging step).
+    """
+
+    def __init__(self) -> None:
+        self.padded = 0  # positions computed, padding included (known from shapes, no device work)
+        self._host_tokens = 0  # real tokens of batches without an attention mask (all of them are real)
+        self._device_tokens: Any = 0  # real (non-pad) tokens counted from attention masks
+        self._device_targets: Any = 0  # positions the loss scores
 
     def add(self, batch: Mapping[str, Any]) -> None:
-        labels = batch["labels"]
-        self.target_tokens += int((labels[..., 1:] != -100).sum())
-        self.padded += int(batch["input_ids"].numel())
+        self._device_targets = self._device_targets + (batch["labels"][..., 1:] != -100).sum()
+        self.padded += batch["input_ids"].numel()
         mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        if mask is None:
+            self._host_tokens += batch["input_ids"].numel()
+        else:
+            self._device_tokens = self._device_tokens + mask.sum()
+
+    @property
+    def tokens(self) -> int:
+        """Real (non-pad) tokens so far."""
+        return self._host_tokens + int(self._device_tokens)
+
+    @property
+    def target_tokens(self) -> int:
+        """Supervised positions so far."""
+        return int(self._device_targets)
 
 
 def peak_rss_gib() -> float:

@@ -33,15 +33,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("LORA_CAUSAL_CACHE", Path.home() / ".cache" / "lora_causal")).expanduser()
 
 
-def materialize_random_model(config_dir: Path, seed: int, root: Path | None = None) -> Path:
-    """Save random weights for `config_dir/config.json` (seeded) once, and return the folder holding them."""
+def materialize_random_model(config_dir: Path, seed: int, root: Path | None = None, device: str = "cpu") -> Path:
+    """Save random weights for `config_dir/config.json` (seeded) once, and return the folder holding them.
+
+    `device: cuda` draws the weights on the GPU (an 8B model in seconds instead of minutes); the values then differ
+    from a CPU draw with the same seed, so the cache keeps them apart.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config_file = config_dir / "config.json"
     if not config_file.is_file():
         raise UserError(f"model.init: random needs a config.json in '{config_dir}', and there is none")
-    digest = hashlib.sha256(config_file.read_bytes() + f"|seed={seed}".encode()).hexdigest()[:16]
+    key = f"|seed={seed}" + (f"|device={device}" if device != "cpu" else "")
+    digest = hashlib.sha256(config_file.read_bytes() + key.encode()).hexdigest()[:16]
     target = (root or cache_root()) / "random-init" / digest
     if (target / "config.json").is_file():
         return target
@@ -55,7 +60,7 @@ def materialize_random_model(config_dir: Path, seed: int, root: Path | None = No
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=target.parent))
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[] if device == "cpu" else None), torch.device(device):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.save_pretrained(staging)

@@ -94,18 +94,8 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
         raise UserError(f"train: the settings cannot run here: {first_line(exc)}") from None
 
 
-def check_max_length(recipe: Recipe) -> None:
+def check_max_length(recipe: Recipe, config: Any) -> None:
     """Refuse a data.max_length beyond the model's position limit (read from its config, no weights)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(
-            recipe.model.name_or_path,
-            revision=recipe.model.revision,
-            trust_remote_code=recipe.model.trust_remote_code,
-        )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load model '{recipe.model.name_or_path}': {first_line(exc)}") from None
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and recipe.data.max_length > limit:
         raise UserError(
@@ -164,6 +154,7 @@ def _prepare_shared(recipe: Recipe, tokenizer: Any, state: Any) -> Any:
 
 
 def _run(recipe: Recipe, state: Any, say: Any, require_resume: bool) -> TrainResult:
+    from lora_causal.batching import apply_plan, model_config, plan_for_recipe
     from lora_causal.checks import enforce, run_checks
     from lora_causal.data import render_prompt_ids
     from lora_causal.model import load_tokenizer
@@ -179,7 +170,10 @@ def _run(recipe: Recipe, state: Any, say: Any, require_resume: bool) -> TrainRes
             "run without --resume to start one"
         )
     tokenizer = load_tokenizer(recipe.model)
-    check_max_length(recipe)
+    config = model_config(recipe)
+    check_max_length(recipe, config)
+    plan = plan_for_recipe(recipe, config=config)
+    say(plan.line())
     data = _prepare_shared(recipe, tokenizer, state)
     findings = run_checks(data, recipe.data, recipe.checks, tokenizer, recipe.train.micro_batch_size)
     enforce(findings)
@@ -187,11 +181,11 @@ def _run(recipe: Recipe, state: Any, say: Any, require_resume: bool) -> TrainRes
     say("checks: " + "; ".join(finding.line() for finding in findings))
     if data.eval_report is not None:
         say(f"eval data: {data.eval_report.summary()}")
-    sft_config = build_sft_config(recipe, str(run_dir.checkpoints), has_eval=data.eval is not None)
+    sft_config = build_sft_config(apply_plan(recipe, plan), str(run_dir.checkpoints), has_eval=data.eval is not None)
     source = recipe.data.train
     prompts = [render_prompt_ids(tokenizer, source.format, text, source.template) for text in recipe.output.sample_prompts]
     try:
-        result = _train(recipe, tokenizer, data, run_dir, sft_config, prompts, state.is_main_process, say)
+        result = _train(recipe, plan, tokenizer, data, run_dir, sft_config, prompts, state.is_main_process, say)
     except OSError as exc:
         if exc.errno not in DISK_ERRNOS:
             raise
@@ -241,10 +235,12 @@ def build_trainer(  # noqa: PLR0913
     """SFTTrainer over our tokenized examples and our collator (whose batches `meter` counts, if given)."""
     from datasets import Dataset
 
+    from lora_causal.batching import resolved
     from lora_causal.collator import CausalLMCollator
     from lora_causal.data import model_columns
     from lora_causal.model import set_adapter_dtype
 
+    recipe = resolved(recipe)
     collator: Any = CausalLMCollator(
         pad_token_id=tokenizer.pad_token_id,
         mask_prompt=recipe.data.mask_prompt,
@@ -271,19 +267,24 @@ def build_trainer(  # noqa: PLR0913
     return trainer
 
 
-def _train(recipe, tokenizer, data, run_dir: RunDirectory, sft_config, prompts, is_main, say) -> TrainResult:  # noqa: ANN001, PLR0913
+def _train(recipe, plan, tokenizer, data, run_dir: RunDirectory, sft_config, prompts, is_main, say) -> TrainResult:  # noqa: ANN001, PLR0913
+    from dataclasses import asdict
+
+    from lora_causal.batching import apply_plan
     from lora_causal.generation import greedy_answers
     from lora_causal.metrics import MetricsCallback, TokenMeter
     from lora_causal.model import attach_lora, load_base_model, trainable_report
     from lora_causal.rundir import base_manifest, now, write_json_atomic
 
-    model = attach_lora(load_base_model(recipe.model, recipe.quantization, recipe.train.seed), recipe.lora, recipe.train.seed)
+    as_run = apply_plan(recipe, plan)  # `auto` batching made concrete; the run folder keeps the recipe as written
+    model = attach_lora(load_base_model(as_run.model, as_run.quantization, as_run.train.seed), as_run.lora, as_run.train.seed)
     say(trainable_report(model))
     prompts = prompts if is_main else []  # samples are shown by the main process only
     before = greedy_answers(model, tokenizer, prompts, recipe.output.sample_max_new_tokens) if prompts else []
 
     manifest = base_manifest(recipe.fingerprint(), recipe.train.seed, data.fingerprint, Path.cwd())
     manifest["base_model"] = recipe.model.model_dump(mode="json")
+    manifest["batching"] = asdict(plan)
     if is_main:
         run_dir.start(manifest, recipe.to_yaml())
         write_json_atomic(run_dir.path / "data_report.json", data.as_dict())
@@ -293,7 +294,7 @@ def _train(recipe, tokenizer, data, run_dir: RunDirectory, sft_config, prompts, 
     meter = TokenMeter()
     metrics = MetricsCallback(run_dir.path / "metrics.jsonl", is_main, meter)
     stop = _graceful_stop_class()()
-    trainer = build_trainer(recipe, model, tokenizer, data, sft_config, meter=meter, callbacks=[metrics, stop])
+    trainer = build_trainer(as_run, model, tokenizer, data, sft_config, meter=meter, callbacks=[metrics, stop])
     try:
         with stop.listening():
             trainer.train(resume_from_checkpoint=str(run_dir.resume_from) if run_dir.resume_from else None)

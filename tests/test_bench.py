@@ -24,12 +24,23 @@ def test_padding_fraction_by_hand() -> None:
     assert padding_fraction([2, 4, 3, 3], batch_size=2, multiple=8) == pytest.approx(1 - 12 / 32)
 
 
-def test_flops_per_token_matches_the_design_figure_for_8b() -> None:
+def test_flops_per_token_for_8b_counts_attention_forward_and_backward(tmp_path: Path) -> None:
     from lora_causal.shapes import parameter_counts, write_shape_config
 
-    counts = parameter_counts(write_shape_config("llama-3.1-8b", Path("/tmp/lora-causal-shape-8b")))
+    counts = parameter_counts(write_shape_config("llama-3.1-8b", tmp_path))
     assert 7.4e9 < counts["matmul"] < 7.6e9
-    assert flops_per_token(counts, mean_context=256) == pytest.approx(32e9, rel=0.07)  # DESIGN.md: ~32 GFLOP/token
+    attention = 4 * 32 * 4096 * 256  # QK^T and AV forward at a mean context of 256, for 32 layers of width 4096
+    assert flops_per_token(counts, mean_context=256) == 4 * counts["matmul"] + 3 * attention  # backward = 2x forward
+    assert 30e9 < flops_per_token(counts, mean_context=256) < 32e9
+
+
+def test_peak_flops_tell_sxm_from_pcie() -> None:
+    from lora_causal.bench import peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("NVIDIA H200") == 989.0 and peak_tflops("NVIDIA H200 NVL") == 835.0
+    assert peak_tflops("Tesla T4") is None
 
 
 @pytest.mark.slow
@@ -44,7 +55,9 @@ def test_cpu_smoke_run_reports_and_both_arms_see_the_same_tokens(tmp_path: Path)
     for arm in (stock, ours):
         assert arm["tokens_per_s"] > 0 and arm["supervised_tokens_per_s"] > 0 and arm["step_s"] > 0
         assert arm["peak_rss_gib"] > 0 and arm["load_s"] > 0 and arm["measured_steps"] == 3
-        assert 0 < arm["padding_share"] < 1 and len(arm["first_losses"]) == 4
+        assert len(arm["first_losses"]) == 4
+    assert 0 < stock["padding_share"] < 1 and ours["padding_share"] == 0.0  # the CPU default packs rows
+    assert "padding-free rows" in ours["batching"] and stock["batching"] == ""
     assert report["same_tokens"] is True
     assert stock["tokens_total"] == ours["tokens_total"] == sum(synthetic_lengths(8, 64, 0.7, 128, 0))
     assert stock["first_losses"][0] == pytest.approx(ours["first_losses"][0], abs=1e-3)  # same model, same batch
@@ -54,13 +67,17 @@ def test_cpu_smoke_run_reports_and_both_arms_see_the_same_tokens(tmp_path: Path)
 
 @pytest.mark.slow
 def test_lever_arms_train_the_same_tokens_as_stock(tmp_path: Path) -> None:
-    arms = ("stock", "lora_causal+padding_free", "lora_causal+varlen")
+    arms = ("stock", "lora_causal+padded", "lora_causal+packed_sdpa", "lora_causal+no_checkpointing")
     report = run_bench("tiny", tmp_path, arms=arms, steps=3, warmup=1, micro_batch=2, median=64, max_length=128,
-                       say=lambda *_: None)
+                       say=lambda *_: None, profile=True)
     assert [arm["arm"] for arm in report["arms"]] == list(arms) and all(arm["ok"] for arm in report["arms"])
     assert report["same_tokens"] is True
-    packed = report["arms"][1:]
-    assert all(arm["padding_share"] == 0.0 for arm in packed) and report["arms"][0]["padding_share"] > 0
+    padded, packed = report["arms"][:2], report["arms"][2:]
+    assert all(arm["padding_share"] == 0.0 for arm in packed) and all(arm["padding_share"] > 0 for arm in padded)
+    assert "sdpa, block-diagonal mask" in report["arms"][2]["batching"]
+    for arm in arms:  # the last warm-up step of each arm, profiled
+        table = (tmp_path / f"profile-{arm}.txt").read_text()
+        assert f"{arm}, tiny, step 0:" in table and "Self CPU" in table and "aten::" in table
     first = report["arms"][0]["first_losses"][0]
     assert all(arm["first_losses"][0] == pytest.approx(first, abs=1e-3) for arm in packed)  # exact packing
 
@@ -70,6 +87,10 @@ def test_max_context_bisects_under_a_memory_cap(tmp_path: Path) -> None:
     roomy = run_max_context("tiny", tmp_path / "roomy", cap_gib=100.0, arms=("lora_causal",), high=768, say=lambda *_: None)
     assert roomy["arms"]["lora_causal"]["longest"] == 768
     assert [p["length"] for p in roomy["arms"]["lora_causal"]["probes"]] == [256, 512, 768]
+    probed = run_max_context("tiny", tmp_path / "probed", cap_gib=100.0, arms=("lora_causal",), lengths=[300, 700],
+                             say=lambda *_: None)
+    assert probed["arms"]["lora_causal"]["longest"] == 700
+    assert [p["length"] for p in probed["arms"]["lora_causal"]["probes"]] == [300, 700]
     tight = run_max_context("tiny", tmp_path / "tight", cap_gib=0.01, arms=("lora_causal",), high=768, say=lambda *_: None)
     assert tight["arms"]["lora_causal"]["longest"] is None
     assert (tmp_path / "tight" / "max_context.md").is_file()
@@ -82,6 +103,7 @@ def test_max_context_bisects_under_a_memory_cap(tmp_path: Path) -> None:
         (["--steps", "3", "--warmup", "3"], r"--warmup \(3\) must be smaller than --steps \(3\)"),
         (["--shape", "gpt-9"], r"--shape: 'gpt-9' is neither a named shape"),
         (["--micro-batch", "0"], r"--micro-batch must be at least 1"),
+        (["--max-context", "--context-lengths", "8k,16k"], r"--context-lengths: '8k,16k' is not a comma-separated list"),
     ],
 )
 def test_bad_bench_arguments(args: list[str], pattern: str, tmp_path: Path, capfd) -> None:

@@ -34,3 +34,67 @@ def test_training_on_the_gpu_changes_lora_weights_and_merges(tmp_path: Path, tin
     report = merge_adapter(str(result.run_dir), str(tmp_path / "merged"), base="nf4-roundtrip", dtype_name="bfloat16",
                            say=lambda *_: None)
     assert report["vs_trained_4bit_adapter"]["top1_agreement"] > 0.95
+
+
+def test_flash_varlen_kernel_is_exact_for_gqa_and_windows(tmp_path: Path, monkeypatch) -> None:
+    """The real kernel (bf16, CUDA): packed sequences get the logits they get alone through sdpa."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import lora_causal.attention as attention
+    from lora_causal.collator import CausalLMCollator
+    from lora_causal.config import ModelSection, QuantizationSection
+    from lora_causal.model import load_base_model
+    from test_attention import COMMON, CONFIGS, SEQUENCES
+
+    calls: list[dict] = []
+    real_kernel = attention.call_kernel
+    monkeypatch.setattr(attention, "call_kernel", lambda *a, **k: calls.append(k) or real_kernel(*a, **k))
+    for name in ("llama", "mistral"):
+        values = {**COMMON, **CONFIGS[name]}
+        config = AutoConfig.for_model(values.pop("model_type"), **values)
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / name)
+        quantization = QuantizationSection(mode="none", compute_dtype="bfloat16")
+        reference = load_base_model(ModelSection(name_or_path=str(tmp_path / name)), quantization, 0).eval()
+        varlen = load_base_model(ModelSection(name_or_path=str(tmp_path / name), attn_implementation="varlen"),
+                                 quantization, 0).eval()
+        batch = CausalLMCollator(pad_token_id=0, padding_free=True)([{"input_ids": ids} for ids in SEQUENCES])
+        batch.pop("labels")
+        calls.clear()
+        with torch.no_grad():
+            packed = varlen(**{k: v.cuda() if hasattr(v, "cuda") else v for k, v in batch.items()}, use_cache=False).logits[0]
+            bounds = batch["cu_seq_lens_q"].tolist()
+            for ids, start, end in zip(SEQUENCES, bounds, bounds[1:]):
+                alone = reference(input_ids=torch.tensor([ids], device="cuda")).logits[0]
+                assert (packed[start:end].float() - alone.float()).abs().max() < 5e-2, name
+        assert len(calls) == config.num_hidden_layers, "the flash kernel must serve every layer"
+        window = getattr(config, "sliding_window", None)
+        if "window_size" in attention.kernel_parameters():
+            assert calls[0]["window_size"] == ((window - 1, 0) if window else (-1, 0))
+
+
+def test_token_meter_adds_without_host_synchronisation() -> None:
+    from lora_causal.metrics import TokenMeter
+
+    meter = TokenMeter()
+    labels = torch.tensor([[-100, 5, 6, -100]], device="cuda")
+    batch = {"input_ids": torch.ones(1, 4, dtype=torch.long, device="cuda"), "labels": labels,
+             "attention_mask": torch.tensor([[1, 1, 1, 0]], device="cuda")}
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            meter.add(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert (meter.tokens, meter.target_tokens, meter.padded) == (9, 6, 12)
+
+
+def test_default_batching_on_this_gpu_is_padding_free_varlen(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from lora_causal.batching import plan_for_recipe
+    from lora_causal.config import load_recipe
+
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model_dir, data, tmp_path / "run")))
+    chosen = plan_for_recipe(recipe)
+    capable = torch.cuda.get_device_capability(0) >= (8, 0)
+    assert chosen.padding_free is capable and (chosen.attn_implementation == "varlen") is capable, chosen.line()

@@ -45,8 +45,8 @@ def test_each_packed_sequence_has_its_logits_alone(model, monkeypatch) -> None:
     import lora_causal.attention as attention
 
     calls = []
-    real = attention.blockwise_attention
-    monkeypatch.setattr(attention, "blockwise_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = attention.exact_packed_attention
+    monkeypatch.setattr(attention, "exact_packed_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     for ids, packed in zip(SEQUENCES, _packed(model, SEQUENCES)):
         assert torch.allclose(packed, _alone(model, ids), atol=TOLERANCE), (packed - _alone(model, ids)).abs().max()
     # the varlen model really took the packed path (one call per layer); the others never touch it
@@ -96,5 +96,6 @@ def test_varlen_needs_padding_free(tmp_path: Path) -> None:
     recipe.write_text("recipe_version: 1\nmodel: {name_or_path: ./m, attn_implementation: varlen}\n"
                       "data: {train: {path: d.jsonl, format: text}}\noutput: {dir: out}\n")
     with pytest.raises(UserError, match=r"model\.attn_implementation: varlen works on padding-free batches"):
-        load_recipe(recipe)
+        load_recipe(recipe, ["train.padding_free=false"])
+    assert load_recipe(recipe).model.attn_implementation == "varlen"  # padding_free: auto packs rows for it
     assert load_recipe(recipe, ["train.padding_free=true"]).model.attn_implementation == "varlen"

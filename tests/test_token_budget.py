@@ -70,7 +70,9 @@ def test_training_on_token_budget_packs(tmp_path: Path, tiny_model_dir: Path) ->
 @pytest.mark.parametrize(
     ("overrides", "pattern"),
     [
-        (["train.token_budget=512"], r"train\.token_budget: packs examples into padding-free rows; set train\.padding_free: true"),
+        (["train.token_budget=512", "train.padding_free=false"],
+         r"train\.token_budget: packs examples into padding-free rows; set train\.padding_free: true or auto"),
+        (["train.token_budget=512", "train.pad_to_multiple_of=8"], r"token_budget: packs padding-free rows, but pad_to_multiple_of pads"),
         (["train.token_budget=512", "train.padding_free=true", "train.micro_batch_size=4"], r"token_budget: replaces micro_batch_size"),
         (["train.token_budget=32", "train.padding_free=true"], r"train\.token_budget \(32\) is smaller than data\.max_length \(64\)"),
     ],
