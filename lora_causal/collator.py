@@ -14,8 +14,9 @@ Rules (binding, see DESIGN.md):
    start is -100, so no token is trained to predict the next example.
 6. It never mutates its input.
 
-Extension for multi-turn chat: a feature may carry `target_mask` (one 0/1 per token, 1 = target); with
-`mask_prompt=True` positions whose mask is 0 also get -100 (user turns after the first assistant turn).
+Extensions: for multi-turn chat, a feature may carry `target_mask` (one 0/1 per token, 1 = target); with
+`mask_prompt=True` positions whose mask is 0 also get -100 (user turns after the first assistant turn). A feature
+with `filler: True` has no target at all (every label -100): it only keeps processes in step (see even_split).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class CausalLMCollator:
         return self._padded_batch(sequences, labels)
 
     def _labels(self, feature: Mapping[str, Any], ids: list[int], index: int) -> list[int]:
+        if feature.get("filler"):
+            return [IGNORE_INDEX] * len(ids)
         labels = list(ids)
         if not self.mask_prompt:
             return labels

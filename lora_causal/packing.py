@@ -50,4 +50,5 @@ class PackCollator:
     collator: Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        return self.collator([example for feature in features for example in feature["pack"]])
+        return self.collator([{**example, "filler": True} if feature.get("filler") else example
+                              for feature in features for example in feature["pack"]])

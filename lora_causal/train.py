@@ -10,6 +10,7 @@ import functools
 import os
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,6 +221,41 @@ def trainer_class() -> type:
                 self.meter.add(inputs)
             return super().training_step(model, inputs, *args, **kwargs)
 
+        def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
+            """The loss per supervised token over the whole evaluation set (all processes), as training weighs it.
+
+            Trainer's own evaluation averages per-batch means by examples, so it depends on the batching and on
+            the number of processes; this sums the token losses and divides once.
+            """
+            import torch
+
+            dataloader = self.get_eval_dataloader(eval_dataset)
+            model = self._wrap_model(self.model, training=False, dataloader=dataloader)
+            was_training = model.training
+            model.eval()
+            start = time.perf_counter()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=self.args.device)
+            tokens = torch.zeros((), dtype=torch.int64, device=self.args.device)
+            # TRL's compute_loss divides by `num_items_in_batch` and, when tokens are averaged across processes,
+            # multiplies by the process count (DDP then averages gradients): undo both to get this batch's sum
+            scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            for inputs in dataloader:
+                inputs = self._prepare_inputs(inputs)
+                count = (inputs["labels"][..., 1:] != -100).sum()
+                with torch.no_grad(), self.compute_loss_context_manager():
+                    loss = self.compute_loss(model, inputs, num_items_in_batch=count)
+                loss_sum += loss.detach().double() * count.clamp(min=1) / scale
+                tokens += count
+            loss_sum, tokens = self.accelerator.reduce(loss_sum, "sum"), self.accelerator.reduce(tokens, "sum")
+            metrics = {f"{metric_key_prefix}_loss": float(loss_sum / tokens.clamp(min=1)),
+                       f"{metric_key_prefix}_supervised_tokens": int(tokens),
+                       f"{metric_key_prefix}_runtime": round(time.perf_counter() - start, 4)}
+            if was_training:
+                model.train()
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
     return CountingSFTTrainer
 
 
@@ -238,6 +274,7 @@ def build_trainer(  # noqa: PLR0913
     from lora_causal.batching import resolved
     from lora_causal.collator import CausalLMCollator
     from lora_causal.data import model_columns
+    from lora_causal.even_split import top_up
     from lora_causal.model import set_adapter_dtype
 
     recipe = resolved(recipe)
@@ -253,13 +290,17 @@ def build_trainer(  # noqa: PLR0913
 
         collator = PackCollator(collator)
         rows = lambda examples: pack_examples(model_columns(examples), recipe.train.token_budget)  # noqa: E731
+    # whole optimizer steps on every process: filler rows (no target) instead of accelerate's repeated examples
+    processes, pad_id = sft_config.world_size, tokenizer.pad_token_id
+    train_rows = sft_config.per_device_train_batch_size * processes * sft_config.gradient_accumulation_steps
+    eval_rows = sft_config.per_device_eval_batch_size * processes
     trainer = trainer_class()(
         meter=meter,
         model=model,
         args=sft_config,
         data_collator=collator,
-        train_dataset=Dataset.from_list(rows(data.train)),
-        eval_dataset=Dataset.from_list(rows(data.eval)) if data.eval else None,
+        train_dataset=top_up(Dataset.from_list(rows(data.train)), train_rows, pad_id),
+        eval_dataset=top_up(Dataset.from_list(rows(data.eval)), eval_rows, pad_id) if data.eval else None,
         processing_class=tokenizer,
         callbacks=callbacks,
     )

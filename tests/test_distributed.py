@@ -86,6 +86,34 @@ def test_two_processes_match_one_process_with_the_same_global_batch(recipe_and_s
 
 
 @pytest.mark.slow
+def test_two_processes_train_each_example_once_on_uneven_data_with_accumulation(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """11 examples, global batch 8 (2 processes x 2 x 2 accumulation): the last step is short. No example may train
+    twice, and the run must equal one process at the same global batch (2 x 4 accumulation), eval loss included."""
+    data = write_jsonl(tmp_path / "qa.jsonl", (QA_ROWS * 3)[:11])
+    eval_data = write_jsonl(tmp_path / "eval.jsonl", QA_ROWS + QA_ROWS[:1])
+    tree = base_recipe(tiny_model_dir, data, tmp_path / "unused",
+                       train={"epochs": 2, "micro_batch_size": 2, "gradient_accumulation": 2, "logging_steps": 1,
+                              "eval_steps": 2})
+    tree["data"]["eval"] = {"path": str(eval_data), "format": "prompt_completion"}
+    recipe = write_recipe(tmp_path / "recipe.yaml", tree)
+    single = run_cli("train", str(recipe), f"output.dir={tmp_path / 'single'}", "train.gradient_accumulation=4")
+    assert single.returncode == 0, single.stderr[-2000:]
+    log = tmp_path / "launch"
+    process = _launch(log, "--config_file", str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"),
+                      "-m", "lora_causal", "train", str(recipe), f"output.dir={tmp_path / 'ddp'}")
+    out, err = _finish(process, log)
+    assert process.returncode == 0, err[-3000:]
+    report = json.loads((tmp_path / "single" / "data_report.json").read_text())
+    targets = report["train"]["target_tokens"]
+    assert _supervised(tmp_path / "single")[-1] == _supervised(tmp_path / "ddp")[-1] == 2 * targets  # once per epoch
+    assert _losses(tmp_path / "ddp") == pytest.approx(_losses(single_dir := tmp_path / "single"), abs=TOLERANCE)
+    evals = [[json.loads(line)["eval_loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
+             for run in (single_dir, tmp_path / "ddp")]
+    assert evals[0] and evals[0] == pytest.approx(evals[1], abs=TOLERANCE)
+    _assert_same_adapter(tmp_path / "ddp", single_dir)
+
+
+@pytest.mark.slow
 def test_two_nodes_on_loopback(recipe_and_single_run, tmp_path: Path) -> None:
     recipe, single = recipe_and_single_run
     port = str(_free_port())
