@@ -227,6 +227,14 @@ def _generate(args: argparse.Namespace) -> None:
     print(generate_text(args.source, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.raw))
 
 
+def _say_once(text: str) -> None:
+    """Under accelerate launch every process meets the same error: the main one says it, all exit alike."""
+    from lora_causal.processes import speaks
+
+    if speaks():
+        sys.stderr.write(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
@@ -244,16 +252,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             _train(args.recipe, args.overrides, args.resume, args.overwrite)
     except UserError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        _say_once(f"error: {exc}\n")
         return EXIT_USER_ERROR
     except RunInterrupted as exc:
-        sys.stderr.write(f"{exc}\n")
+        _say_once(f"{exc}\n")
         return exc.exit_code
     except OSError as exc:
         if exc.errno not in DISK_ERRNOS:
             raise
-        sys.stderr.write(f"error: {os.strerror(exc.errno).lower()} while writing {exc.filename or 'output'}; free space "
-                         "or choose another output folder\n")
+        _say_once(f"error: {os.strerror(exc.errno).lower()} while writing {exc.filename or 'output'}; free space "
+                  "or choose another output folder\n")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; run the same command again to resume from the last checkpoint\n")

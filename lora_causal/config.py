@@ -82,7 +82,9 @@ class LoraSection(_Section):
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] = []
     # float32 adapters keep small optimizer updates that bfloat16 would round away; they cost little memory.
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # adapter weights: auto = float32 (small optimizer updates survive), or the compute dtype under FSDP/ZeRO-3,
+    # whose mixed precision holds one dtype per sharded unit
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     @model_validator(mode="after")
     def _no_lm_head_adapter(self) -> LoraSection:

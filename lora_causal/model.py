@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_causal.config import LoraSection, ModelSection, QuantizationSection, looks_local
 from lora_causal.errors import UserError, first_line
+from lora_causal.processes import sharded_training, state_if_started
 
 if TYPE_CHECKING:
     import torch
@@ -26,8 +26,14 @@ def resolve_compute_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def build_quantization_config(section: QuantizationSection, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    """The BitsAndBytesConfig for a recipe's quantization section (None for mode: none)."""
+def build_quantization_config(
+    section: QuantizationSection, compute_dtype: torch.dtype, sharded: bool | None = None
+) -> BitsAndBytesConfig | None:
+    """The BitsAndBytesConfig for a recipe's quantization section (None for mode: none).
+
+    `sharded` (default: whether this process trains under FSDP or ZeRO-3) stores the packed 4-bit weights in the
+    compute dtype, so the sharding engine can flatten them with the rest.
+    """
     from transformers import BitsAndBytesConfig
 
     if section.mode == "none":
@@ -40,7 +46,7 @@ def build_quantization_config(section: QuantizationSection, compute_dtype: torch
         bnb_4bit_use_double_quant=section.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
         # FSDP and ZeRO-3 shard the packed 4-bit weights with the rest, so they must share the float dtype.
-        bnb_4bit_quant_storage=compute_dtype if sharded_training() else None,
+        bnb_4bit_quant_storage=compute_dtype if (sharded_training() if sharded is None else sharded) else None,
     )
 
 
@@ -61,24 +67,19 @@ def build_lora_config(section: LoraSection) -> LoraConfig:
     )
 
 
-def sharded_training() -> bool:
-    """True under FSDP or DeepSpeed ZeRO-3 (as set by `accelerate launch` from its config)."""
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
-    return fsdp or (deepspeed and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
-
-
-def device_map_for_process() -> dict[str, Any] | None:
+def device_map_for_process(sharded: bool | None = None) -> dict[str, Any] | None:
     """Put the whole model on this process's device: its GPU under accelerate/torchrun, else GPU 0 or the CPU.
 
-    Under FSDP and ZeRO-3 the sharding engine places the weights, so no device map is given.
+    Under FSDP and ZeRO-3 (`sharded`, default: as this process trains) the sharding engine places the weights, so
+    no device map is given.
     """
     import torch
 
-    if sharded_training():
+    if sharded_training() if sharded is None else sharded:
         return None
     if torch.cuda.is_available():
-        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        state = state_if_started()
+        return {"": state.local_process_index if state is not None else torch.cuda.current_device()}
     return {"": "cpu"}
 
 
@@ -109,8 +110,13 @@ def load_tokenizer(section: ModelSection) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(section: ModelSection, quantization: QuantizationSection, seed: int) -> PreTrainedModel:
+def load_base_model(
+    section: ModelSection, quantization: QuantizationSection, seed: int, sharded: bool | None = None
+) -> PreTrainedModel:
     """Load the frozen base: quantized per the recipe, on this process's device, not upcast to fp32.
+
+    `sharded` (default: whether this process trains under FSDP/ZeRO-3) leaves placement to the sharding engine;
+    False loads a whole copy onto this process's device.
 
     Gradient checkpointing (non-reentrant) is switched on by the trainer from the SFTConfig.
     """
@@ -122,16 +128,20 @@ def load_base_model(section: ModelSection, quantization: QuantizationSection, se
         from lora_causal.synthetic import materialize_random_model
 
         _check_local(weights, "model.name_or_path")
-        weights = str(materialize_random_model(Path(weights), seed=seed))
+        from lora_causal.processes import speaks
+
+        # one process draws and saves (transformers writes only on global rank 0 once a process group exists); the
+        # others, on every machine, wait for the folder: with several machines the cache must be shared
+        weights = str(materialize_random_model(Path(weights), seed=seed, writer=speaks()))
     else:
         _check_local(weights, "model.name_or_path")
     kwargs: dict[str, Any] = {
         "dtype": compute_dtype,
-        "device_map": device_map_for_process(),
+        "device_map": device_map_for_process(sharded),
         "revision": section.revision if section.init == "pretrained" else None,
         "trust_remote_code": section.trust_remote_code,
     }
-    quantization_config = build_quantization_config(quantization, compute_dtype)
+    quantization_config = build_quantization_config(quantization, compute_dtype, sharded)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if section.attn_implementation == "varlen":
@@ -180,11 +190,20 @@ def attach_lora(model: PreTrainedModel, section: LoraSection, seed: int) -> Peft
     return peft_model
 
 
-def set_adapter_dtype(model: PeftModel, dtype_name: str) -> None:
-    """Store every trainable (adapter) parameter in `dtype_name`; frozen base weights are left as loaded."""
+def adapter_dtype_name(dtype_name: str, sharded: bool | None = None, compute_dtype: str = "auto") -> str:
+    """The adapter dtype of `lora.dtype`: auto is float32, or the compute dtype when FSDP/ZeRO-3 shard the model."""
+    if dtype_name != "auto":
+        return dtype_name
+    if sharded_training() if sharded is None else sharded:
+        return str(resolve_compute_dtype(compute_dtype)).removeprefix("torch.")
+    return "float32"
+
+
+def set_adapter_dtype(model: PeftModel, dtype_name: str, compute_dtype: str = "auto") -> None:
+    """Store every trainable (adapter) parameter in `lora.dtype`; frozen base weights are left as loaded."""
     import torch
 
-    dtype = getattr(torch, dtype_name)
+    dtype = getattr(torch, adapter_dtype_name(dtype_name, compute_dtype=compute_dtype))
     for parameter in model.parameters():
         if parameter.requires_grad and parameter.dtype != dtype:
             parameter.data = parameter.data.to(dtype)

@@ -33,11 +33,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("LORA_CAUSAL_CACHE", Path.home() / ".cache" / "lora_causal")).expanduser()
 
 
-def materialize_random_model(config_dir: Path, seed: int, root: Path | None = None, device: str = "cpu") -> Path:
+def materialize_random_model(
+    config_dir: Path, seed: int, root: Path | None = None, device: str = "cpu", writer: bool = True
+) -> Path:
     """Save random weights for `config_dir/config.json` (seeded) once, and return the folder holding them.
 
     `device: cuda` draws the weights on the GPU (an 8B model in seconds instead of minutes); the values then differ
-    from a CPU draw with the same seed, so the cache keeps them apart.
+    from a CPU draw with the same seed, so the cache keeps them apart. With several processes on a machine only
+    the `writer` draws and saves (to a staging folder renamed into place); the others wait for the folder.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -49,6 +52,12 @@ def materialize_random_model(config_dir: Path, seed: int, root: Path | None = No
     digest = hashlib.sha256(config_file.read_bytes() + key.encode()).hexdigest()[:16]
     target = (root or cache_root()) / "random-init" / digest
     if (target / "config.json").is_file():
+        return target
+    if not writer:
+        from lora_causal.processes import wait_for
+
+        wait_for(target / "config.json", f"the random weights of {config_file} (with several machines, "
+                 "LORA_CAUSAL_CACHE must be a folder they share)", timeout_s=1800)
         return target
     try:
         config = AutoConfig.from_pretrained(config_dir)

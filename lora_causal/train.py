@@ -26,18 +26,6 @@ if TYPE_CHECKING:
     from lora_causal.rundir import RunDirectory
 
 
-def process_state() -> Any:
-    """This process's place among the launched ones (accelerate launch / torchrun), created once per process.
-
-    Without CUDA the processes talk over gloo; accelerate only sets that up when asked for the CPU from the first
-    call, which the trainer (use_cpu) would be too late for.
-    """
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
 def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConfig:
     """The SFTConfig for a recipe (no weights are touched)."""
     import torch
@@ -105,6 +93,22 @@ def check_max_length(recipe: Recipe, config: Any) -> None:
         )
 
 
+def check_sharding(recipe: Recipe, sharded: bool | None = None) -> None:
+    """Refuse, before anything loads, what FSDP or ZeRO-3 cannot shard."""
+    from lora_causal.model import resolve_compute_dtype
+    from lora_causal.processes import sharded_training
+
+    if not (sharded_training() if sharded is None else sharded):
+        return
+    if recipe.quantization.mode == "int8":
+        raise UserError("quantization.mode: int8 weights cannot be sharded by FSDP or ZeRO-3; use nf4 (4-bit weights are "
+                        "stored in the compute dtype so they shard), or launch with recipes/accelerate/ddp.yaml")
+    compute = str(resolve_compute_dtype(recipe.quantization.compute_dtype)).removeprefix("torch.")
+    if recipe.lora.dtype not in ("auto", compute):
+        raise UserError(f"lora.dtype: {recipe.lora.dtype} adapters beside a {compute} base cannot be sharded together by "
+                        f"FSDP or ZeRO-3 (one dtype per sharded unit); set lora.dtype: auto (= {compute} when sharded)")
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -120,10 +124,14 @@ def run_training(recipe: Recipe, say: Any = print, require_resume: bool = False)
 
     With `require_resume`, there must be an unfinished run of this recipe in output.dir to continue.
     """
+    from lora_causal.processes import check_same_recipe, process_state
+
     state = process_state()
     if not state.is_main_process:
         say = _silent  # one process speaks for all
     try:
+        check_same_recipe(recipe.fingerprint())
+        check_sharding(recipe)
         return _run(recipe, state, say, require_resume)
     finally:
         if state.num_processes > 1:
@@ -304,7 +312,8 @@ def build_trainer(  # noqa: PLR0913
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-    set_adapter_dtype(model, recipe.lora.dtype)  # TRL stores adapters of quantized models in bf16; keep our choice
+    # TRL stores adapters of quantized models in bf16; keep the recipe's choice
+    set_adapter_dtype(model, recipe.lora.dtype, recipe.quantization.compute_dtype)
     return trainer
 
 
@@ -315,13 +324,17 @@ def _train(recipe, plan, tokenizer, data, run_dir: RunDirectory, sft_config, pro
     from lora_causal.generation import greedy_answers
     from lora_causal.metrics import MetricsCallback, TokenMeter
     from lora_causal.model import attach_lora, load_base_model, trainable_report
+    from lora_causal.processes import sharded_training
     from lora_causal.rundir import base_manifest, now, write_json_atomic
 
     as_run = apply_plan(recipe, plan)  # `auto` batching made concrete; the run folder keeps the recipe as written
     model = attach_lora(load_base_model(as_run.model, as_run.quantization, as_run.train.seed), as_run.lora, as_run.train.seed)
     say(trainable_report(model))
-    prompts = prompts if is_main else []  # samples are shown by the main process only
-    before = greedy_answers(model, tokenizer, prompts, recipe.output.sample_max_new_tokens) if prompts else []
+    sharded = sharded_training()
+    # samples are answered by the main process; a sharded model answers only with every process taking part, so
+    # under FSDP/ZeRO-3 they are answered after training, on a whole copy (see _answers_on_a_whole_copy)
+    prompts_now = prompts if is_main and not sharded else []
+    before = greedy_answers(model, tokenizer, prompts_now, recipe.output.sample_max_new_tokens) if prompts_now else []
 
     manifest = base_manifest(recipe.fingerprint(), recipe.train.seed, data.fingerprint, Path.cwd())
     manifest["base_model"] = recipe.model.model_dump(mode="json")
@@ -352,12 +365,16 @@ def _train(recipe, plan, tokenizer, data, run_dir: RunDirectory, sft_config, pro
     if stop.signal_number is not None:
         _stop_on_signal(stop.signal_number, trainer, model, tokenizer, run_dir, manifest, is_main)
 
-    after = greedy_answers(model, tokenizer, prompts, recipe.output.sample_max_new_tokens) if prompts else []
+    after = greedy_answers(model, tokenizer, prompts_now, recipe.output.sample_max_new_tokens) if prompts_now else []
+    _save_adapter(trainer, model, tokenizer, run_dir.path / "adapter", is_main)
+    global_step, processes = trainer.state.global_step, trainer.args.world_size
+    if sharded and is_main and prompts:
+        del trainer, model  # the sharded model goes before a whole copy comes
+        before, after = _answers_on_a_whole_copy(as_run, run_dir.path / "adapter", tokenizer, prompts)
     samples = [
         {"prompt": prompt, "before": b, "after": a}
         for prompt, b, a in zip(recipe.output.sample_prompts, before, after)
     ]
-    _save_adapter(trainer, model, tokenizer, run_dir.path / "adapter", is_main)
     if is_main:
         if samples:
             write_json_atomic(run_dir.path / "samples.json", samples)
@@ -365,8 +382,8 @@ def _train(recipe, plan, tokenizer, data, run_dir: RunDirectory, sft_config, pro
         manifest.update(
             status="completed",
             finished=now(),
-            global_step=trainer.state.global_step,
-            processes=trainer.args.world_size,
+            global_step=global_step,
+            processes=processes,
             resumed_from=str(run_dir.resume_from) if run_dir.resume_from else None,
             first_loss=losses[0] if losses else None,
             last_loss=losses[-1] if losses else None,
@@ -374,6 +391,27 @@ def _train(recipe, plan, tokenizer, data, run_dir: RunDirectory, sft_config, pro
         )
         run_dir.update_manifest(manifest)
     return TrainResult(run_dir.path, metrics.losses(), samples, run_dir.resume_from)
+
+
+def _answers_on_a_whole_copy(recipe: Recipe, adapter: Path, tokenizer: Any, prompts: list[list[int]]) -> tuple[list, list]:
+    """Sample answers (before: adapter off, after: on) from a whole 4-bit copy of the base on this process's device,
+    with the saved adapter: after sharded training, no process holds the whole model."""
+    import gc
+
+    import torch
+
+    from lora_causal.generation import greedy_answers
+    from lora_causal.merge import with_adapter
+    from lora_causal.model import load_base_model
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    model = with_adapter(load_base_model(recipe.model, recipe.quantization, recipe.train.seed, sharded=False), adapter)
+    tokens = recipe.output.sample_max_new_tokens
+    with model.disable_adapter():  # the base as it was before training (LoRA starts as the identity)
+        before = greedy_answers(model, tokenizer, prompts, tokens)
+    return before, greedy_answers(model, tokenizer, prompts, tokens)
 
 
 def _merge_run(recipe: Recipe, run_dir: Path, say: Any) -> dict[str, Any]:
@@ -449,32 +487,10 @@ def _graceful_stop_class() -> type:
 
 
 def _save_adapter(trainer: Any, model: Any, tokenizer: Any, target: Path, is_main: bool) -> None:
-    """Write the adapter and tokenizer to a staging folder, then move it into place in one rename.
+    from lora_causal.processes import sharded_training
+    from lora_causal.saving import save_adapter
 
-    Under FSDP or ZeRO-3 the adapter is sharded, so every process takes part in gathering it (full state dict)
-    into a staging folder all of them can name; otherwise the main process saves it alone.
-    """
-    import shutil
-
-    from lora_causal.model import sharded_training
-    from lora_causal.rundir import replace_dir_atomic, write_dir_atomic
-
-    if not sharded_training():
-        if is_main:
-            write_dir_atomic(target, lambda staging: (model.save_pretrained(staging), tokenizer.save_pretrained(staging)))
-        return
-    staging = target.with_name(f".{target.name}-staging")
-    if is_main and staging.exists():
-        shutil.rmtree(staging)
-    trainer.accelerator.wait_for_everyone()
-    if trainer.is_fsdp_enabled:
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(staging))
-    trainer.accelerator.wait_for_everyone()
-    if is_main:
-        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run keeps its recipe instead
-        tokenizer.save_pretrained(staging)
-        replace_dir_atomic(staging, target)
+    save_adapter(trainer, model, tokenizer, target, is_main, sharded_training())
 
 
 SFT_SUMMARY_KEYS = (

@@ -144,18 +144,112 @@ def test_accelerate_configs_load(config: Path) -> None:
         assert loaded.deepspeed_config["zero_stage"] == 3
 
 
-def test_sharded_training_stores_4bit_weights_in_the_compute_dtype(monkeypatch) -> None:
+def test_sharded_training_stores_4bit_weights_in_the_compute_dtype() -> None:
     from lora_causal.config import QuantizationSection
     from lora_causal.model import build_quantization_config, device_map_for_process
 
-    plain = build_quantization_config(QuantizationSection(), torch.bfloat16)
-    assert plain.bnb_4bit_quant_storage == torch.uint8 and device_map_for_process() == {"": "cpu"}
+    plain = build_quantization_config(QuantizationSection(), torch.bfloat16, sharded=False)
+    assert plain.bnb_4bit_quant_storage == torch.uint8 and device_map_for_process(sharded=False) == {"": "cpu"}
+    sharded = build_quantization_config(QuantizationSection(), torch.bfloat16, sharded=True)
+    assert sharded.bnb_4bit_quant_storage == torch.bfloat16 and device_map_for_process(sharded=True) is None
+
+
+def test_fsdp_asked_of_a_cpu_run_is_not_sharded(monkeypatch) -> None:
+    """accelerate runs FSDP configs on the CPU as plain DDP; the topology comes from its state, not the environment."""
+    from lora_causal.processes import process_state, sharded_training
+
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    fsdp = build_quantization_config(QuantizationSection(), torch.bfloat16)
-    assert fsdp.bnb_4bit_quant_storage == torch.bfloat16 and device_map_for_process() is None
-    monkeypatch.delenv("ACCELERATE_USE_FSDP")
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    assert build_quantization_config(QuantizationSection(), torch.bfloat16).bnb_4bit_quant_storage == torch.bfloat16
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-    assert build_quantization_config(QuantizationSection(), torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
+    process_state()
+    assert sharded_training() is False
+
+
+@pytest.mark.slow
+def test_errors_are_printed_once_and_every_process_exits_2(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps(QA_ROWS[0]) + "\n{not json\n", encoding="utf-8")
+    recipe = write_recipe(tmp_path / "recipe.yaml", base_recipe(tiny_model_dir, data, tmp_path / "run"))
+    for args in ([str(recipe)], [str(recipe), "lora.rank=8"]):  # a data error, a recipe error
+        log = tmp_path / f"launch{len(args)}"
+        process = _launch(log, "--config_file", str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"),
+                          "-m", "lora_causal", "train", *args)
+        out, err = _finish(process, log)
+        assert process.returncode != 0
+        assert err.count("error: ") == 1, err[-3000:]
+        # no process shows a traceback of ours or aborts; the launcher's own failure report names exit status 2
+        assert "lora_causal/" not in err and "terminate called" not in err and "[rank" not in err, err[-3000:]
+        assert "exitcode  : 2" in err, err[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_processes_running_different_recipes_are_refused(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS * 2)
+    recipe = write_recipe(tmp_path / "recipe.yaml", base_recipe(tiny_model_dir, data, tmp_path / "run",
+                                                               train={"max_steps": 2}))
+    port = str(_free_port())
+    nodes = [
+        _launch(tmp_path / f"node{rank}", "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank",
+                str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
+                "--dynamo_backend", "no", "-m", "lora_causal", "train", str(recipe), f"train.learning_rate={lr}")
+        for rank, lr in ((0, "1e-4"), (1, "1e-3"))
+    ]
+    results = [_finish(node, tmp_path / f"node{rank}") for rank, node in enumerate(nodes)]
+    assert all(node.returncode != 0 for node in nodes)
+    assert all("exitcode  : 2" in err for _, err in results)  # both processes refused, with the usage status
+    assert "error: process 1 runs a recipe with fingerprint" in results[0][1] and "error:" not in results[1][1]
+    assert "start every process with the same recipe" in results[0][1]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_first_runs_on_an_empty_cache_write_the_random_model_once(tmp_path: Path) -> None:
+    """The demo's random weights: two processes, an empty cache each time, five times in a row."""
+    for attempt in range(5):
+        cache = tmp_path / f"cache{attempt}"
+        log = tmp_path / f"launch{attempt}"
+        with (log.with_suffix(".out")).open("w") as out, (log.with_suffix(".err")).open("w") as err:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                 str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"), "-m", "lora_causal", "train",
+                 str(REPO / "recipes" / "demo.yaml"), "train.max_steps=1", "train.epochs=1", "output.sample_prompts=[]",
+                 "output.merge=null", f"output.dir={tmp_path / f'run{attempt}'}", "data.eval=null", "train.eval_steps=null"],
+                cwd=REPO, stdout=out, stderr=err, text=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "LORA_CAUSAL_CACHE": str(cache)},
+            )
+        _, err_text = _finish(process, log)
+        assert process.returncode == 0, err_text[-2000:]
+        folders = list((cache / "random-init").iterdir())
+        assert len(folders) == 1 and (folders[0] / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp2_gathers_the_adapter_alone(tmp_path: Path) -> None:
+    """FSDP2 runs on the CPU with gloo when driven directly (accelerate's FSDP plugin does not: it falls back to DDP
+    there): the adapter is gathered weight by weight, whole and exact, without the base."""
+    result = tmp_path / "result.json"
+    process = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         str(REPO / "tests" / "scripts" / "fsdp2_adapter_gather.py"), str(result)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert json.loads(result.read_text()) == {"ok": True, "tensors": 2 * 2 * 7, "base_in_it": False}
+
+
+def test_sharded_runs_refuse_what_cannot_be_sharded_and_pick_the_adapter_dtype(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from lora_causal.config import load_recipe
+    from lora_causal.errors import UserError
+    from lora_causal.model import adapter_dtype_name
+    from lora_causal.train import check_sharding
+
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
+    path = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model_dir, data, tmp_path / "run"))
+    check_sharding(load_recipe(path), sharded=True)  # nf4, lora.dtype auto: fine
+    check_sharding(load_recipe(path, ["quantization.mode=int8"]), sharded=False)  # DDP shards nothing
+    with pytest.raises(UserError, match=r"quantization\.mode: int8 weights cannot be sharded by FSDP or ZeRO-3; use nf4"):
+        check_sharding(load_recipe(path, ["quantization.mode=int8"]), sharded=True)
+    with pytest.raises(UserError, match=r"lora\.dtype: bfloat16 adapters beside a float32 base cannot be sharded"):
+        check_sharding(load_recipe(path, ["lora.dtype=bfloat16"]), sharded=True)  # the CPU computes in float32
+    assert adapter_dtype_name("auto", sharded=False) == "float32"
+    assert adapter_dtype_name("auto", sharded=True, compute_dtype="bfloat16") == "bfloat16"
+    assert adapter_dtype_name("float32", sharded=True, compute_dtype="bfloat16") == "float32"  # explicit is kept
