@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, in order of importance, inside a time budget: the GPU tests, `lora-causal bench` stock vs the
+# The GPU check, in order of importance, inside a time budget: the GPU tests, FSDP-QLoRA through accelerate on one
+# device (the demo recipe), `lora-causal bench` stock vs the
 # project's defaults on the Llama-3.1-8B shape (with a torch.profiler summary of one step of each), the lever arms
 # on the Llama-3.2-1B shape, then single-sequence probes near 80k tokens on the 8B shape under 24 GiB. A stage that
 # would start after the budget is skipped (and says so), so the script ends in time with what it measured.
@@ -12,6 +13,7 @@
 #   ARMS_1B="stock,lora_causal,lora_causal+padded,lora_causal+packed_sdpa,lora_causal+no_checkpointing"
 #   CONTEXT_ARMS="lora_causal+offload,lora_causal"  CONTEXT_LENGTHS=81920
 #   SHAPE_8B=llama-3.1-8b  SHAPE_1B=llama-3.2-1b   (SHAPE_8B=tiny SHAPE_1B=tiny for a CPU dry run of the script)
+#   STAGES="tests fsdp bench8b bench1b context"   the stages to run, in this order of importance
 # Needs trl, peft, bitsandbytes, datasets and pydantic importable (carried wheels on a machine without them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,15 +52,23 @@ except ImportError as exc:
     print("no varlen_attn:", exc)
 EOF
 
-stage gpu-tests 90 "$python" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
-stage "bench-$shape_8b" 200 "$python" -m lora_causal bench --shape "$shape_8b" --arms "${ARMS_8B:-stock,lora_causal}" \
-  --out "$out/$shape_8b" --steps "${STEPS_8B:-12}" --warmup "$warmup" --micro-batch "${MB_8B:-4}" --profile
-stage "bench-$shape_1b" 100 "$python" -m lora_causal bench --shape "$shape_1b" \
+stages=" ${STAGES:-tests fsdp bench8b bench1b context} "
+wanted() { [[ "$stages" == *" $1 "* ]]; }
+
+wanted tests && stage gpu-tests 90 "$python" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
+# FSDP-QLoRA on the single-device path: the demo recipe through the FSDP config with one process
+wanted fsdp && stage fsdp-qlora 60 "$python" -m accelerate.commands.launch --config_file recipes/accelerate/fsdp_qlora.yaml \
+  --num_processes 1 -m lora_causal train recipes/demo.yaml train.epochs=1 train.max_steps=4 output.merge=null \
+  data.eval=null train.eval_steps=null "output.dir=$out/fsdp-run"
+wanted bench8b && stage "bench-$shape_8b" 200 "$python" -m lora_causal bench --shape "$shape_8b" \
+  --arms "${ARMS_8B:-stock,lora_causal}" --out "$out/$shape_8b" --steps "${STEPS_8B:-12}" --warmup "$warmup" \
+  --micro-batch "${MB_8B:-4}" --profile
+wanted bench1b && stage "bench-$shape_1b" 100 "$python" -m lora_causal bench --shape "$shape_1b" \
   --arms "${ARMS_1B:-stock,lora_causal,lora_causal+padded,lora_causal+packed_sdpa,lora_causal+no_checkpointing}" \
   --out "$out/$shape_1b" --steps "${STEPS_1B:-16}" --warmup "$warmup" --micro-batch "${MB_1B:-8}"
-stage "max-context-$shape_8b" 100 "$python" -m lora_causal bench --shape "$shape_8b" --max-context --memory-cap-gib 24 \
-  --arms "${CONTEXT_ARMS:-lora_causal+offload,lora_causal}" --context-lengths "${CONTEXT_LENGTHS:-81920}" \
-  --out "$out/$shape_8b-max-context"
+wanted context && stage "max-context-$shape_8b" 100 "$python" -m lora_causal bench --shape "$shape_8b" --max-context \
+  --memory-cap-gib 24 --arms "${CONTEXT_ARMS:-lora_causal+offload,lora_causal}" \
+  --context-lengths "${CONTEXT_LENGTHS:-81920}" --out "$out/$shape_8b-max-context"
 
 echo
 echo "== summary ($device, ${SECONDS}s)"
@@ -66,4 +76,6 @@ for folder in "$out/$shape_8b" "$out/$shape_1b"; do
   [ -f "$folder/bench.md" ] && cat "$folder/bench.md" && echo
 done
 [ -f "$out/$shape_8b-max-context/max_context.md" ] && cat "$out/$shape_8b-max-context/max_context.md"
+[ -f "$out/fsdp-run/manifest.json" ] && echo "fsdp-qlora: $(grep -o '"status": "[a-z]*"' "$out/fsdp-run/manifest.json")" \
+  && ls "$out/fsdp-run/adapter" && cat "$out/fsdp-run/samples.json" 2>/dev/null
 exit 0

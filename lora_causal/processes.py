@@ -68,6 +68,16 @@ def sharded_training() -> bool:
     return state.distributed_type == DistributedType.DEEPSPEED and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
 
 
+def launcher_engine() -> str | None:
+    """The sharding engine `accelerate launch` was asked for by its config (FSDP or DeepSpeed), if any: what the
+    user asked, before accelerate decides whether this machine can do it."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true"):
+        return "DeepSpeed"
+    return None
+
+
 def check_same_recipe(fingerprint: str) -> None:
     """Every process must run the same resolved recipe; refuse (on every process) if one differs."""
     state = state_if_started()

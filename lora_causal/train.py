@@ -95,9 +95,15 @@ def check_max_length(recipe: Recipe, config: Any) -> None:
 
 def check_sharding(recipe: Recipe, sharded: bool | None = None) -> None:
     """Refuse, before anything loads, what FSDP or ZeRO-3 cannot shard."""
-    from lora_causal.model import resolve_compute_dtype
-    from lora_causal.processes import sharded_training
+    import torch
 
+    from lora_causal.model import resolve_compute_dtype
+    from lora_causal.processes import launcher_engine, sharded_training
+
+    engine = launcher_engine()
+    if engine is not None and not torch.cuda.is_available():
+        raise UserError(f"the accelerate config asks for {engine}, which needs GPUs, and this machine has none; launch "
+                        "with recipes/accelerate/cpu_ddp.yaml on a CPU")
     if not (sharded_training() if sharded is None else sharded):
         return
     if recipe.quantization.mode == "int8":

@@ -253,3 +253,15 @@ def test_sharded_runs_refuse_what_cannot_be_sharded_and_pick_the_adapter_dtype(t
     assert adapter_dtype_name("auto", sharded=False) == "float32"
     assert adapter_dtype_name("auto", sharded=True, compute_dtype="bfloat16") == "bfloat16"
     assert adapter_dtype_name("float32", sharded=True, compute_dtype="bfloat16") == "float32"  # explicit is kept
+
+
+@pytest.mark.slow
+def test_an_fsdp_config_on_a_cpu_machine_is_refused_before_anything_is_written(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
+    recipe = write_recipe(tmp_path / "recipe.yaml", base_recipe(tiny_model_dir, data, tmp_path / "run"))
+    log = tmp_path / "launch"
+    process = _launch(log, "--config_file", str(REPO / "recipes" / "accelerate" / "fsdp_qlora.yaml"), "--num_processes",
+                      "1", "-m", "lora_causal", "train", str(recipe))
+    _, err = _finish(process, log)
+    assert "error: the accelerate config asks for FSDP, which needs GPUs" in err and "exitcode  : 2" in err
+    assert not (tmp_path / "run").exists()
