@@ -1,4 +1,4 @@
-"""`lora-causal {train,validate,inspect,merge,generate,bench}`: argument parsing and dispatch only.
+"""`lora-causal {train,validate,show,inspect,merge,generate,bench}`: argument parsing and dispatch only.
 
 Problems with the user's input (`UserError`) print one line on stderr and exit with status 2.
 """
@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a recipe and build its configs without loading weights")
     validate.add_argument("recipe", help="path to a YAML recipe")
     validate.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+
+    show = commands.add_parser("show", help="print a run's summary and write its loss plot (finished or running)")
+    show.add_argument("run_dir", metavar="RUN_DIR", help="a run's output.dir")
 
     inspect = commands.add_parser("inspect", help="show which tokens are trained, dataset statistics and label checks")
     inspect.add_argument("recipe", help="path to a YAML recipe")
@@ -95,6 +98,8 @@ def _quiet_libraries() -> None:
     import warnings
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not sys.stderr.isatty():  # progress bars redraw with carriage returns: noise in a log file or a pipe
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -130,11 +135,9 @@ def _train(recipe_path: str, overrides: Sequence[str], resume: bool = False, ove
     result = run_training(recipe, say=console.print, require_resume=resume)
     if not result.is_main_process:
         return
-    if result.losses:
-        console.print(
-            f"loss: {result.losses[0]:.4f} at the first step -> {result.losses[-1]:.4f} at the last "
-            f"({len(result.losses)} logged steps)"
-        )
+    from lora_causal.summary import LOSS_PLOT, print_summary, read_run, summarize
+
+    print_summary(console, summarize(*read_run(result.run_dir)), result.run_dir, result.run_dir / LOSS_PLOT)
     if result.samples:
         from rich.table import Table
 
@@ -150,6 +153,16 @@ def _train(recipe_path: str, overrides: Sequence[str], resume: bool = False, ove
 
         console.print(format_report(result.merge_report))
         console.print(f"merged model saved to {result.merge_report['out']}")
+
+
+def _show(run_dir: str) -> None:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from lora_causal.summary import show_run
+
+    show_run(Path(run_dir), Console(highlight=False, soft_wrap=True))
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -241,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "validate":
             _validate(args.recipe, args.overrides)
+        elif args.command == "show":
+            _show(args.run_dir)
         elif args.command == "inspect":
             _inspect(args)
         elif args.command == "merge":

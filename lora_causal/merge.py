@@ -156,8 +156,10 @@ def with_adapter(model: Any, adapter: Path) -> Any:
     return peft_model
 
 
-def copy_nf4_weights_into(dense: Any, quantized: Any, progress: bool = True) -> int:
-    """Overwrite each dense Linear weight with the dequantized 4-bit weight training used; return the count."""
+def copy_nf4_weights_into(dense: Any, quantized: Any, progress: bool | None = None) -> int:
+    """Overwrite each dense Linear weight with the dequantized 4-bit weight training used; return the count.
+
+    `progress`: show a progress bar (default: only when stderr is a terminal)."""
     import bitsandbytes as bnb
     import torch
     from bitsandbytes.functional import dequantize_4bit
@@ -165,7 +167,7 @@ def copy_nf4_weights_into(dense: Any, quantized: Any, progress: bool = True) -> 
 
     dense_modules = dict(dense.named_modules())
     layers = [(name, module) for name, module in quantized.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
-    for name, layer in tqdm(layers, desc="dequantizing NF4 layers", disable=not progress):
+    for name, layer in tqdm(layers, desc="dequantizing NF4 layers", disable=None if progress is None else not progress):
         name = name.removeprefix("base_model.model.").replace(".base_layer", "")
         target = dense_modules.get(name)
         if target is None or tuple(target.weight.shape) != tuple(layer.weight.quant_state.shape):

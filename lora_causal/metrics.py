@@ -75,20 +75,27 @@ def _sum_over_processes(*values: int) -> list[int]:
 
 
 class MetricsCallback(TrainerCallback):
-    """Adds supervised tokens, tokens/s (all processes together) and peak memory (this process) to each training
-    log, and appends it to metrics.jsonl (main process only)."""
+    """Adds token counts, tokens/s, supervised tokens/s (all processes together) and peak memory (this process) to
+    each training log, the seconds since training started to every log, and appends each log to metrics.jsonl
+    (main process only).
+
+    Per training log: `tokens` and `supervised_tokens` are totals since this process started training (a resumed
+    run counts again from 0), `tokens_per_s` and `supervised_tokens_per_s` cover the interval since the previous
+    training log, `elapsed_s` the time since training started in this process. Callbacks that read these fields
+    (the progress display, trackers) must come after this one.
+    """
 
     def __init__(self, path: Path, is_main_process: bool, meter: TokenMeter) -> None:
         self.meter = meter
         self.path = path
         self.is_main_process = is_main_process
         self.history: list[dict[str, Any]] = []
-        self._last_time = time.perf_counter()
-        self._last_tokens = 0
+        self._start_time = self._last_time = time.perf_counter()
+        self._last_tokens = self._last_target_tokens = 0
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
-        self._last_time = time.perf_counter()
-        self._last_tokens = self.meter.tokens
+        self._start_time = self._last_time = time.perf_counter()
+        self._last_tokens, self._last_target_tokens = self.meter.tokens, self.meter.target_tokens
 
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001 - TrainerCallback signature
         if logs is None:
@@ -96,10 +103,13 @@ class MetricsCallback(TrainerCallback):
         if "loss" in logs:
             tokens, target_tokens = _sum_over_processes(self.meter.tokens, self.meter.target_tokens)
             elapsed = max(time.perf_counter() - self._last_time, 1e-9)
-            logs["tokens_per_s"] = round((tokens - self._last_tokens) / elapsed, 1)
+            logs["tokens"] = tokens
             logs["supervised_tokens"] = target_tokens
+            logs["tokens_per_s"] = round((tokens - self._last_tokens) / elapsed, 1)
+            logs["supervised_tokens_per_s"] = round((target_tokens - self._last_target_tokens) / elapsed, 1)
             logs["peak_mem_gib"] = round(peak_memory_gib(), 3)
-            self._last_time, self._last_tokens = time.perf_counter(), tokens
+            self._last_time, self._last_tokens, self._last_target_tokens = time.perf_counter(), tokens, target_tokens
+        logs["elapsed_s"] = round(time.perf_counter() - self._start_time, 3)
         record = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
         self.history.append(record)
         if self.is_main_process:

@@ -62,6 +62,7 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
             activation_offloading=train.activation_offloading,
             logging_steps=train.logging_steps,
             logging_first_step=True,
+            disable_tqdm=True,  # lora_causal.progress shows progress instead
             save_strategy="steps",
             save_steps=recipe.output.save_steps,
             save_total_limit=recipe.output.save_total_limit,
@@ -174,7 +175,9 @@ def _run(recipe: Recipe, state: Any, say: Any, require_resume: bool) -> TrainRes
     from lora_causal.data import render_prompt_ids
     from lora_causal.model import load_tokenizer
     from lora_causal.rundir import RunDirectory
+    from lora_causal.trackers import check_trackers_installed
 
+    check_trackers_installed(recipe.output.report_to)
     if recipe.model.trust_remote_code:  # said before any of that code can run
         say(f"model.trust_remote_code is true: Python code shipped with '{recipe.model.name_or_path}' will run here")
     # where the run goes is decided (without writing) before the data is read, so a refusal comes at once
@@ -284,6 +287,7 @@ def build_trainer(  # noqa: PLR0913
 ) -> Any:
     """SFTTrainer over our tokenized examples and our collator (whose batches `meter` counts, if given)."""
     from datasets import Dataset
+    from transformers import PrinterCallback
 
     from lora_causal.batching import resolved
     from lora_causal.collator import CausalLMCollator
@@ -318,6 +322,7 @@ def build_trainer(  # noqa: PLR0913
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    trainer.remove_callback(PrinterCallback)  # it prints raw dicts; lora_causal.progress prints lines instead
     # TRL stores adapters of quantized models in bf16; keep the recipe's choice
     set_adapter_dtype(model, recipe.lora.dtype, recipe.quantization.compute_dtype)
     return trainer
@@ -331,7 +336,10 @@ def _train(recipe, plan, tokenizer, data, run_dir: RunDirectory, sft_config, pro
     from lora_causal.metrics import MetricsCallback, TokenMeter
     from lora_causal.model import attach_lora, load_base_model, trainable_report
     from lora_causal.processes import sharded_training
+    from lora_causal.progress import TrainingDisplay
     from lora_causal.rundir import base_manifest, now, write_json_atomic
+    from lora_causal.summary import read_metrics, summarize, write_loss_plot
+    from lora_causal.trackers import arrange_tracker_callbacks
 
     as_run = apply_plan(recipe, plan)  # `auto` batching made concrete; the run folder keeps the recipe as written
     model = attach_lora(load_base_model(as_run.model, as_run.quantization, as_run.train.seed), as_run.lora, as_run.train.seed)
@@ -354,12 +362,13 @@ def _train(recipe, plan, tokenizer, data, run_dir: RunDirectory, sft_config, pro
     meter = TokenMeter()
     metrics = MetricsCallback(run_dir.path / "metrics.jsonl", is_main, meter)
     stop = _graceful_stop_class()()
-    trainer = build_trainer(as_run, model, tokenizer, data, sft_config, meter=meter, callbacks=[metrics, stop])
+    display = TrainingDisplay(is_main)  # after metrics: it shows what MetricsCallback adds to the logs
+    trainer = build_trainer(as_run, model, tokenizer, data, sft_config, meter=meter, callbacks=[metrics, stop, display])
+    arrange_tracker_callbacks(trainer, recipe.output.report_to, run_dir.path, is_main)
     try:
-        with stop.listening():
+        with stop.listening(), display:  # leaving the block ends the live display, so an error prints below it
             trainer.train(resume_from_checkpoint=str(run_dir.resume_from) if run_dir.resume_from else None)
     except BaseException as exc:
-        sys.stderr.write("\n")  # end the progress bar's line, so the error starts on its own
         if is_main:
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             try:
@@ -368,6 +377,8 @@ def _train(recipe, plan, tokenizer, data, run_dir: RunDirectory, sft_config, pro
                 pass  # the disk may be why we failed; the error itself is what matters
             run_dir.clean_up_after_failure()
         raise
+    if is_main:
+        write_loss_plot(run_dir.path)
     if stop.signal_number is not None:
         _stop_on_signal(stop.signal_number, trainer, model, tokenizer, run_dir, manifest, is_main)
 
@@ -395,6 +406,7 @@ def _train(recipe, plan, tokenizer, data, run_dir: RunDirectory, sft_config, pro
             last_loss=losses[-1] if losses else None,
             adapter="adapter",
         )
+        manifest["summary"] = summarize(manifest, read_metrics(run_dir.path)).as_dict()
         run_dir.update_manifest(manifest)
     return TrainResult(run_dir.path, metrics.losses(), samples, run_dir.resume_from)
 
@@ -514,7 +526,9 @@ def _public_fields(config: dict[str, Any]) -> dict[str, Any]:
 def describe_configs(recipe: Recipe) -> dict[str, Any]:
     """Build the BitsAndBytesConfig, LoraConfig and SFTConfig of a recipe (no weights) and summarise them."""
     from lora_causal.model import build_lora_config, build_quantization_config, resolve_compute_dtype
+    from lora_causal.trackers import check_trackers_installed
 
+    check_trackers_installed(recipe.output.report_to)
     compute_dtype = resolve_compute_dtype(recipe.quantization.compute_dtype)
     quantization = build_quantization_config(recipe.quantization, compute_dtype)
     lora = build_lora_config(recipe.lora)

@@ -81,7 +81,8 @@ def test_run_directory_holds_adapter_recipe_manifest_and_metrics(tmp_path: Path,
     result = run_training(recipe, say=lambda *_: None)
     run = result.run_dir
     assert sorted(p.name for p in run.iterdir()) == [
-        "adapter", "checkpoints", "data_report.json", "manifest.json", "metrics.jsonl", "recipe.yaml", "samples.json"
+        "adapter", "checkpoints", "data_report.json", "loss.png", "manifest.json", "metrics.jsonl", "recipe.yaml",
+        "samples.json",
     ]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "adapter" / "tokenizer.json").is_file()
@@ -95,6 +96,16 @@ def test_run_directory_holds_adapter_recipe_manifest_and_metrics(tmp_path: Path,
     assert len(train_logs) == 4
     assert all(r["supervised_tokens"] > 0 and r["tokens_per_s"] > 0 and r["peak_mem_gib"] > 0 for r in train_logs)
     assert train_logs[-1]["supervised_tokens"] > train_logs[0]["supervised_tokens"]
+    assert all(r["supervised_tokens_per_s"] > 0 and 0 < r["elapsed_s"] for r in train_logs)
+    assert [r["elapsed_s"] for r in records] == sorted(r["elapsed_s"] for r in records)
+    # the summary in the manifest is read back from those records
+    summary = manifest["summary"]
+    assert summary["status"] == "completed" and summary["steps"] == 4 and summary["logged_steps"] == 4
+    assert (summary["first_loss"], summary["last_loss"]) == (train_logs[0]["loss"], train_logs[-1]["loss"])
+    assert summary["tokens"] == train_logs[-1]["tokens"] and summary["supervised_tokens"] == train_logs[-1]["supervised_tokens"]
+    assert summary["peak_mem_gib"] == max(r["peak_mem_gib"] for r in train_logs)
+    assert summary["eval_loss"] is None  # no eval data in this recipe
+    assert (run / "loss.png").read_bytes().startswith(b"\x89PNG")
     assert json.loads((run / "samples.json").read_text())[0].keys() == {"prompt", "before", "after"}
 
 
