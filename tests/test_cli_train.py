@@ -27,7 +27,8 @@ def test_demo_recipe_learns_its_answers(tmp_path: Path) -> None:
     samples = json.loads((run / "samples.json").read_text())
     assert [s["after"] for s in samples] == ["Paris.", "Tokyo.", "Nairobi."]
     assert all(s["before"] != s["after"] for s in samples)
-    assert "loss: " in result.stdout and "after training" in result.stdout
+    assert f"run summary: {run}" in result.stdout and "after training" in result.stdout
+    assert (run / "loss.png").is_file()
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     # output.merge: the NF4-roundtrip merge reproduces the model as trained, and answers the same
     report = json.loads((run / "merged" / "merge_report.json").read_text())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -70,6 +71,9 @@ def test_kill_9_then_rerun_ends_with_the_uninterrupted_adapter(recipe_and_refere
     process.communicate()
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["status"] == "running" and not (output / "adapter").exists()
+    shown = run_cli("show", str(output))  # what a killed run left is still readable
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"^  status\s+running$", shown.stdout, re.M) and "the run is still going" in shown.stdout
 
     rerun = run_cli("train", str(recipe), f"output.dir={output}")
     assert rerun.returncode == 0, rerun.stderr[-2000:]
@@ -98,11 +102,18 @@ def test_signal_saves_checkpoint_and_adapter_then_resumes(recipe_and_reference, 
     assert 10 <= step < STEPS
     assert (output / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file()  # saved at the stop
     assert (output / "adapter" / "adapter_model.safetensors").is_file()  # the adapter so far
+    assert (output / "loss.png").is_file()  # the plot so far
+    shown = run_cli("show", str(output))
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r"^  status\s+interrupted$", shown.stdout, re.M)
+    assert re.search(rf"^  steps\s+{step} \(epoch ", shown.stdout, re.M), shown.stdout
 
     rerun = run_cli("train", str(recipe), f"output.dir={output}", "--resume")
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"resuming from {output / 'checkpoints' / f'checkpoint-{step}'}" in rerun.stdout
     _assert_same_adapter(output / "adapter" / "adapter_model.safetensors", reference)
+    # the resumed run's summary spans both attempts and every step
+    assert re.search(rf"^  steps\s+{STEPS} \(epoch .*\), over 2 attempts$", rerun.stdout, re.M), rerun.stdout
 
 
 def test_a_half_written_checkpoint_is_skipped_on_resume(recipe_and_reference, tmp_path: Path) -> None:
