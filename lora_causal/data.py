@@ -1,6 +1,6 @@
 """Read training data and tokenize it into `{"input_ids", "prompt_length"[, "target_mask"]}` examples.
 
-Tokenization rules (DESIGN.md):
+Tokenization rules:
 - prompt/completion: prompt tokenized with the tokenizer's special tokens, completion without, ids concatenated,
   EOS appended if missing; `prompt_length` is the prompt's id count, so the mask boundary is exact by construction.
 - alpaca: instruction/input rendered into a prompt by a template, output is the completion.

@@ -154,7 +154,7 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(weights, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         raise UserError(f"cannot load model '{section.name_or_path}': {first_line(exc)}") from None
-    model.config.use_cache = False  # packed batches must never build a KV cache (see DESIGN.md)
+    model.config.use_cache = False  # transformers honours packed position_ids only without a KV cache
     keep_4bit_weights_trainable(model)
     return model
 

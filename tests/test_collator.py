@@ -1,4 +1,4 @@
-"""Exact tensors for every rule of the collator's binding API (DESIGN.md)."""
+"""Exact tensors for every rule of the collator's API (documented in collator.py and README)."""
 
 from __future__ import annotations
 
