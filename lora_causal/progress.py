@@ -26,15 +26,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from lora_causal.summary import format_duration
+
 SMOOTHING = 0.6  # weight of the past in the loss's exponential moving average (TensorBoard's default)
-
-
-def format_duration(seconds: float | None) -> str:
-    """`H:MM:SS` (or `-` when unknown)."""
-    if seconds is None or seconds != seconds or seconds < 0:
-        return "-"
-    whole = int(round(seconds))
-    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
 
 
 def _number(value: float) -> str:

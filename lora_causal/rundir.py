@@ -4,7 +4,9 @@ Layout of `output.dir`:
     recipe.yaml      the resolved recipe (every default filled in)
     manifest.json    status, library versions, seed, dataset fingerprint, git commit, results
     data_report.json what tokenization kept, truncated and dropped
-    metrics.jsonl    one JSON line per logged step (loss, lr, tokens/s, supervised tokens, peak memory)
+    metrics.jsonl    one JSON line per log (loss, lr, tokens, tokens/s, supervised tokens, peak memory, eval loss)
+    loss.png         train and eval loss against the step (lora_causal.summary)
+    tensorboard/     event files, when output.report_to has tensorboard
     checkpoints/     trainer checkpoints, for resuming
     adapter/         the final LoRA adapter (peft format) and the tokenizer
     samples.json     answers to output.sample_prompts before and after training

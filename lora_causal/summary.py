@@ -43,6 +43,14 @@ class RunSummary:
         return asdict(self)
 
 
+def format_duration(seconds: float | None) -> str:
+    """`H:MM:SS` (or `-` when unknown)."""
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "-"
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The records of `run_dir/metrics.jsonl`; a missing or unreadable file is a `UserError`."""
     path = run_dir / METRICS
@@ -200,8 +208,6 @@ def summary_rows(summary: RunSummary) -> list[tuple[str, str]]:
 
     def value(number: float | None, fmt: str) -> str:
         return "-" if number is None else format(number, fmt)
-
-    from lora_causal.progress import format_duration
 
     tokens = value(summary.tokens, ",")
     if summary.supervised_tokens is not None:
