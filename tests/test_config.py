@@ -123,4 +123,7 @@ def test_every_shipped_recipe_validates_and_builds_its_configs(recipe_file: Path
     sft = build_sft_config(recipe, "/tmp/unused", has_eval=recipe.data.eval is not None)
     assert isinstance(sft, SFTConfig)
     assert sft.dataset_kwargs == {"skip_prepare_dataset": True} and sft.remove_unused_columns is False
-    assert sft.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    if recipe.train.gradient_checkpointing:  # non-reentrant wherever a recipe checkpoints (the demo does not)
+        assert sft.gradient_checkpointing and sft.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    else:
+        assert not sft.gradient_checkpointing

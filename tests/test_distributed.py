@@ -78,6 +78,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(recipe_and_s
     assert process.returncode == 0, err[-3000:]
     assert "Traceback" not in err and "destroy_process_group" not in err  # clean teardown
     assert out.count("adapter saved to") == 1 and out.count("data: ") == 1  # one process speaks and writes
+    assert out.count("\nstep 4/4 ") == 1 and out.count("run summary:") == 1  # and only it shows progress
     manifest = json.loads((tmp_path / "ddp" / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["processes"] == 2
     assert _supervised(tmp_path / "ddp") == _supervised(single)  # the same tokens, summed over processes
