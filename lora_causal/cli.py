@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from lora_causal import __version__
-from lora_causal.errors import DISK_ERRNOS, RunInterrupted, UserError
+from lora_causal.errors import DISK_ERRNOS, ReportedElsewhere, RunInterrupted, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -256,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except RunInterrupted as exc:
         _say_once(f"{exc}\n")
+        return exc.exit_code
+    except ReportedElsewhere as exc:  # another process of this launch printed the error
         return exc.exit_code
     except OSError as exc:
         if exc.errno not in DISK_ERRNOS:
