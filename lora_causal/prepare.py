@@ -67,12 +67,30 @@ VERSIONED = ("transformers", "tokenizers", "datasets", "pyarrow", "jinja2", "lor
 # Where and under which key
 
 
-def data_cache_dir(data: DataSection) -> Path:
-    """The cache folder: data.cache_dir, else $LORA_CAUSAL_CACHE/data, else ~/.cache/lora_causal/data."""
-    if data.cache_dir:
-        return Path(data.cache_dir).expanduser()
+def default_cache_dir() -> Path:
+    """$LORA_CAUSAL_CACHE/data, else ~/.cache/lora_causal/data."""
     root = os.environ.get("LORA_CAUSAL_CACHE")
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "lora_causal") / "data"
+
+
+def data_cache_dir(data: DataSection) -> Path:
+    """The cache folder: data.cache_dir, else the default one."""
+    return Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
+
+
+def clear_cache(folder: Path) -> tuple[int, int]:
+    """Delete every entry (complete or partial), lock and launch marker under `folder`; (entries, bytes) removed."""
+    if not folder.is_dir():
+        return 0, 0
+    entries = size = 0
+    for child in folder.iterdir():
+        if child.is_dir():
+            size += sum(file.stat().st_size for file in child.rglob("*") if file.is_file())
+            entries += (child / "entry.json").is_file()
+            shutil.rmtree(child, ignore_errors=True)
+        elif child.name.endswith(".lock"):
+            child.unlink(missing_ok=True)
+    return entries, size
 
 
 def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -271,7 +289,7 @@ def _truncate(ids: list[int], prompt_length: int, mask: list[int] | None, data: 
 
 
 class _ShardWriter:
-    """Buffers examples and writes them as Arrow record batches; keeps a digest of what it wrote."""
+    """Buffers examples and writes them as Arrow record batches."""
 
     def __init__(self, path: Path, chat: bool) -> None:
         import pyarrow as pa
@@ -285,7 +303,6 @@ class _ShardWriter:
         self.chat = chat
         self.sink = pa.OSFile(str(path), "wb")
         self.writer = pa.ipc.new_stream(self.sink, self.schema)
-        self.digest = hashlib.sha256()
         self.buffer: dict[str, list] = {name: [] for name in self.schema.names}
 
     def add(self, ids: list[int], prompt_length: int, mask: list[int] | None, row: str, row_index: int, targets: int) -> None:
@@ -299,13 +316,6 @@ class _ShardWriter:
         if not self.buffer["row"]:
             return
         batch = self.pa.record_batch([self.pa.array(self.buffer[f.name], f.type) for f in self.schema], schema=self.schema)
-        for name in ("input_ids", "prompt_length", "target_mask"):
-            if name in self.schema.names:
-                column = batch.column(name)
-                if name == "prompt_length":
-                    self.digest.update(column.to_numpy().tobytes())
-                else:
-                    self.digest.update(column.offsets.to_numpy().tobytes() + column.values.to_numpy().tobytes())
         self.writer.write_batch(batch)
         self.buffer = {name: [] for name in self.schema.names}
 
@@ -342,7 +352,7 @@ def _tokenize_shard(task: tuple[int, int, int, str]) -> dict[str, Any]:
             error = str(exc)
         finally:
             writer.close()
-    return {"index": index, "report": asdict(report), "digest": writer.digest.hexdigest(), "error": error}
+    return {"index": index, "report": asdict(report), "error": error}
 
 
 def _keep(writer: _ShardWriter, report: DataReport, data: DataSection, tokens: Any, location: str, row_index: int) -> None:
@@ -381,14 +391,12 @@ def _build(source: Source, row_tokenizer: RowTokenizer, data: DataSection, stagi
     if errors:
         raise UserError(min(errors, key=lambda result: result["index"])["error"])
     report = DataReport(rows=rows)
-    digest = hashlib.sha256()
     for result in sorted(results, key=lambda result: result["index"]):
         part = result["report"]
         for name in ("examples", "truncated", "dropped_too_long", "dropped_no_targets", "tokens", "target_tokens"):
             setattr(report, name, getattr(report, name) + part[name])
         report.longest = max(report.longest, part["longest"])
         report.truncated_rows = (report.truncated_rows + part["truncated_rows"])[:MAX_LISTED]
-        digest.update(result["digest"].encode())
     shards = [Path(task[3]).name for task in tasks]
     return {
         "entry_format": ENTRY_FORMAT,
@@ -396,12 +404,28 @@ def _build(source: Source, row_tokenizer: RowTokenizer, data: DataSection, stagi
         "format": row_tokenizer.fmt,
         "file_names": source.file_names,
         "report": asdict(report),
-        "digest": digest.hexdigest(),
+        "digest": _digest([staging / name for name in shards]),
         "shards": shards,
         "files": {name: (staging / name).stat().st_size for name in ["rows.arrow", *shards]},
         "processes": processes,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _digest(shards: list[Path]) -> str:
+    """sha256 over the examples' ids, lengths, prompt lengths and masks in order (however they were sharded)."""
+    import pyarrow as pa
+
+    columns = {name: hashlib.sha256() for name in ("input_ids", "length", "prompt_length", "target_mask")}
+    for shard in shards:
+        with pa.memory_map(str(shard)) as source:
+            for batch in pa.ipc.open_stream(source):
+                for name, digest in columns.items():
+                    if name in batch.schema.names:
+                        column = batch.column(name)
+                        values = column.values if name in ("input_ids", "target_mask") else column
+                        digest.update(values.to_numpy(zero_copy_only=False).tobytes())
+    return hashlib.sha256("".join(digest.hexdigest() for digest in columns.values()).encode()).hexdigest()
 
 
 def _run_shards(tasks: list[tuple[int, int, int, str]], processes: int, row_tokenizer: RowTokenizer,
