@@ -41,7 +41,7 @@ def make_data(folder: Path, rows: int, chats: int, seed: int = 0) -> dict[str, s
     with pc.open("w") as out:
         for _ in range(rows):
             prompt = f"Q: {_sentence(rng, rng.randint(20, 60))}\nA:"
-            completion = " " + " ".join(_sentence(rng, rng.randint(8, 20)) for _ in range(rng.randint(5, 9)))
+            completion = " " + " ".join(_sentence(rng, rng.randint(8, 16)) for _ in range(rng.randint(3, 6)))
             out.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
     with chat.open("w") as out:
         for _ in range(chats):

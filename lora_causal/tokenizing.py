@@ -211,12 +211,15 @@ class RowTokenizer:
         conversations = [self._messages(where, row) for where, row in items]
         turns = [[t for t, m in enumerate(c) if m["role"] == "assistant"] for c in conversations]
         fulls = self._render(location, conversations, False)
-        throughs = iter(self._render(location, [c[: t + 1] for c, ts in zip(conversations, turns) for t in ts], False))
+        # a conversation that ends with an assistant turn is its own `through` for that turn: not rendered again
+        throughs = iter(self._render(location, [c[: t + 1] for c, ts in zip(conversations, turns) for t in ts
+                                                if t < len(c) - 1], False))
         befores = iter(self._render(location, [c[:t] for c, ts in zip(conversations, turns) for t in ts if t], True))
         encoded = self.tokenizer(fulls, add_special_tokens=False, return_offsets_mapping=self.tokenizer.is_fast)
         results = []
         for index, (conversation, full, (where, _)) in enumerate(zip(conversations, fulls, items)):
-            texts = [TurnTexts(t, next(befores) if t else "", next(throughs)) for t in turns[index]]
+            texts = [TurnTexts(t, next(befores) if t else "", full if t == len(conversation) - 1 else next(throughs))
+                     for t in turns[index]]
             ids = list(encoded["input_ids"][index])
 
             def history(turn: int, conversation: list[dict] = conversation, where: str = where) -> str:
