@@ -8,7 +8,7 @@ eval split (applied when an entry is read), the checks.
 
 Layout of the cache folder (`data.cache_dir`, else $LORA_CAUSAL_CACHE/data, else ~/.cache/lora_causal/data):
     <key>/rows.arrow             the source's rows as JSON text, with their locations (for checks and errors)
-    <key>/examples-NNNNN.arrow   tokenized examples, one file per shard, in row order
+    <key>/examples-NNNNN.arrow   tokenized examples, one file per shard of 10,000 rows, in row order
     <key>/entry.json             what the entry holds (report, digest, files and sizes); written last
     .<key>.lock                  held while one process prepares this key; others wait on it
     .<key>.<pid>-<random>.partial  an entry being written; renamed to <key> when complete
@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 ENTRY_FORMAT = 1  # bump when the entry layout or the tokenization rules change
 BATCH_ROWS = 256  # rows per tokenizer call
 FLUSH_EXAMPLES = 2048  # examples per Arrow record batch
-SHARDS_PER_PROCESS = 4
+SHARD_ROWS = 10_000  # rows per shard: the layout (and the digest) does not depend on the number of processes
 SMALL_DATA_BYTES = 4 << 20  # less data than this is tokenized in one process
 MAX_DEFAULT_PROCESSES = 8
 MAX_LISTED = 20  # row locations kept per finding
@@ -289,7 +289,7 @@ def _truncate(ids: list[int], prompt_length: int, mask: list[int] | None, data: 
 
 
 class _ShardWriter:
-    """Buffers examples and writes them as Arrow record batches."""
+    """Buffers examples and writes them as Arrow record batches; digests what it wrote, column by column."""
 
     def __init__(self, path: Path, chat: bool) -> None:
         import pyarrow as pa
@@ -303,6 +303,8 @@ class _ShardWriter:
         self.chat = chat
         self.sink = pa.OSFile(str(path), "wb")
         self.writer = pa.ipc.new_stream(self.sink, self.schema)
+        self.digests = {name: hashlib.sha256() for name in ("input_ids", "length", "prompt_length", "target_mask")
+                        if name in self.schema.names}
         self.buffer: dict[str, list] = {name: [] for name in self.schema.names}
 
     def add(self, ids: list[int], prompt_length: int, mask: list[int] | None, row: str, row_index: int, targets: int) -> None:
@@ -316,6 +318,10 @@ class _ShardWriter:
         if not self.buffer["row"]:
             return
         batch = self.pa.record_batch([self.pa.array(self.buffer[f.name], f.type) for f in self.schema], schema=self.schema)
+        for name, digest in self.digests.items():
+            column = batch.column(name)
+            values = column.values if name in ("input_ids", "target_mask") else column
+            digest.update(values.to_numpy(zero_copy_only=False).tobytes())
         self.writer.write_batch(batch)
         self.buffer = {name: [] for name in self.schema.names}
 
@@ -352,7 +358,8 @@ def _tokenize_shard(task: tuple[int, int, int, str]) -> dict[str, Any]:
             error = str(exc)
         finally:
             writer.close()
-    return {"index": index, "report": asdict(report), "error": error}
+    digest = "".join(digest.hexdigest() for digest in writer.digests.values())
+    return {"index": index, "report": asdict(report), "digest": digest, "error": error}
 
 
 def _keep(writer: _ShardWriter, report: DataReport, data: DataSection, tokens: Any, location: str, row_index: int) -> None:
@@ -382,8 +389,8 @@ def _build(source: Source, row_tokenizer: RowTokenizer, data: DataSection, stagi
     rows = source.write_rows(staging / "rows.arrow")
     if rows == 0:
         raise UserError(f"{source.where}: the dataset has no rows; add examples or point to another file")
-    processes = min(default_num_proc(data.num_proc, source.size_hint()), rows)
-    shard_count = min(rows, processes * SHARDS_PER_PROCESS if processes > 1 else 1)
+    shard_count = -(-rows // SHARD_ROWS)
+    processes = min(default_num_proc(data.num_proc, source.size_hint()), shard_count)
     bounds = [rows * number // shard_count for number in range(shard_count + 1)]
     tasks = [(n, bounds[n], bounds[n + 1], str(staging / f"examples-{n:05d}.arrow")) for n in range(shard_count)]
     results = _run_shards(tasks, processes, row_tokenizer, data, staging, source, rows)
@@ -391,7 +398,9 @@ def _build(source: Source, row_tokenizer: RowTokenizer, data: DataSection, stagi
     if errors:
         raise UserError(min(errors, key=lambda result: result["index"])["error"])
     report = DataReport(rows=rows)
+    digest = hashlib.sha256()
     for result in sorted(results, key=lambda result: result["index"]):
+        digest.update(result["digest"].encode())
         part = result["report"]
         for name in ("examples", "truncated", "dropped_too_long", "dropped_no_targets", "tokens", "target_tokens"):
             setattr(report, name, getattr(report, name) + part[name])
@@ -404,28 +413,12 @@ def _build(source: Source, row_tokenizer: RowTokenizer, data: DataSection, stagi
         "format": row_tokenizer.fmt,
         "file_names": source.file_names,
         "report": asdict(report),
-        "digest": _digest([staging / name for name in shards]),
+        "digest": digest.hexdigest(),
         "shards": shards,
         "files": {name: (staging / name).stat().st_size for name in ["rows.arrow", *shards]},
         "processes": processes,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def _digest(shards: list[Path]) -> str:
-    """sha256 over the examples' ids, lengths, prompt lengths and masks in order (however they were sharded)."""
-    import pyarrow as pa
-
-    columns = {name: hashlib.sha256() for name in ("input_ids", "length", "prompt_length", "target_mask")}
-    for shard in shards:
-        with pa.memory_map(str(shard)) as source:
-            for batch in pa.ipc.open_stream(source):
-                for name, digest in columns.items():
-                    if name in batch.schema.names:
-                        column = batch.column(name)
-                        values = column.values if name in ("input_ids", "target_mask") else column
-                        digest.update(values.to_numpy(zero_copy_only=False).tobytes())
-    return hashlib.sha256("".join(digest.hexdigest() for digest in columns.values()).encode()).hexdigest()
 
 
 def _run_shards(tasks: list[tuple[int, int, int, str]], processes: int, row_tokenizer: RowTokenizer,

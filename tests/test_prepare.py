@@ -113,7 +113,10 @@ def test_num_proc_and_seed_are_not_part_of_the_key(tmp_path: Path, tiny_tokenize
     assert len(first.eval) == len(other.eval) == 6 and first.fingerprint != other.fingerprint  # another split
 
 
-def test_parallel_processes_give_the_same_examples_and_the_first_error(tmp_path: Path, tiny_tokenizer) -> None:
+def test_parallel_processes_give_the_same_examples_and_the_first_error(tmp_path: Path, tiny_tokenizer, monkeypatch) -> None:
+    from lora_causal import prepare
+
+    monkeypatch.setattr(prepare, "SHARD_ROWS", 100)  # several shards from a small file
     rows = ROWS * 40
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     one = prepare_data(_data(path, tmp_path / "one", num_proc=1), tiny_tokenizer, 0)
