@@ -284,6 +284,10 @@ class Recipe(_Section):
             data["output"].pop(key, None)
         for key in ("num_proc", "cache", "cache_dir"):  # how the data is prepared, not what is trained
             data["data"].pop(key, None)
+        for source in (data["data"]["train"], data["data"].get("eval") or {}):
+            for key in ("config", "data_files", "revision"):  # unset Hub keys: fingerprints of older recipes hold
+                if source.get(key) is None:
+                    source.pop(key, None)
         data["train"].pop("collective_timeout_s", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
