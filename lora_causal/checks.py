@@ -1,6 +1,7 @@
 """Label guardrails: catch the silent failures of LoRA fine-tuning before they cost GPU hours.
 
-Checked on a sample of the tokenized data with the labels the real collator builds:
+Checked on a seeded sample of `checks.sample_size` examples drawn from the whole dataset (a bad tail of a
+concatenated file is found as readily as a bad head), with the labels the real collator builds:
 - eos: EOS is a target (non-chat formats), so the model learns to stop;
 - end_of_turn: chat assistant turns end with a supervised special token (their end-of-turn);
 - boundary: tokenizing prompt + completion as one text agrees with tokenizing them apart (else the prompt's end
@@ -11,6 +12,7 @@ Zero supervised tokens and chat templates that rewrite history are hard errors r
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +51,8 @@ def _rows(locations: list[str]) -> str:
 def _labels(examples: list[dict[str, Any]], data: DataSection, pad_token_id: int, batch_size: int) -> list[list[int]]:
     """Labels as training builds them: the real collator, in batches (so padding and pad == eos are exercised)."""
     collator = CausalLMCollator(pad_token_id=pad_token_id, mask_prompt=data.mask_prompt)
+    examples = [{key: example[key] for key in ("input_ids", "prompt_length", "target_mask") if key in example}
+                for example in examples]
     labels: list[list[int]] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -105,10 +109,39 @@ def _check_end_of_turn(examples: list[dict], labels: list[list[int]], tokenizer:
     return Finding("end_of_turn", True, detail)
 
 
+def sample_positions(count: int, size: int, seed: int) -> list[int]:
+    """`size` positions out of `count`, drawn with `seed` across all of them, in ascending order."""
+    return sorted(random.Random(seed).sample(range(count), min(size, count)))
+
+
+def _check_boundary(prepared: PreparedData, sample: list[dict], checks: ChecksSection) -> Finding | None:
+    """Joint vs split tokenization of the sampled prompt/completion rows (read back from the prepared rows)."""
+    if prepared.train_rows is None or prepared.row_tokenizer is None:
+        return None
+    checked, mismatched = 0, []
+    for example in sample:
+        _, row = prepared.train_rows.row(example["row_index"])
+        agrees = prepared.row_tokenizer.boundary_agrees(row)
+        if agrees is None:
+            return None
+        checked += 1
+        if not agrees:
+            mismatched.append(example["row"])
+    if not checked:
+        return None
+    detail = f"{len(mismatched)} of {checked} prompt/completion pairs tokenize differently joined"
+    if len(mismatched) / checked > checks.max_boundary_mismatch_share:
+        return Finding("boundary", False, f"{detail} (rows {_rows(mismatched)})",
+                       "move separators to the end of the completion side: prompts should not end with a space the "
+                       "completion's first word would carry (e.g. 'A:' + ' Paris', not 'A: ' + 'Paris'), or raise "
+                       "checks.max_boundary_mismatch_share")
+    return Finding("boundary", True, detail)
+
+
 def run_checks(prepared: PreparedData, data: DataSection, checks: ChecksSection, tokenizer: Any,
-               batch_size: int = 8) -> list[Finding]:
-    """Every guardrail on the first `checks.sample_size` training examples; nothing is raised here."""
-    sample = prepared.train[: checks.sample_size]
+               batch_size: int = 8, seed: int = 0) -> list[Finding]:
+    """Every guardrail on `checks.sample_size` training examples drawn with `seed`; nothing is raised here."""
+    sample = [prepared.train[position] for position in sample_positions(len(prepared.train), checks.sample_size, seed)]
     labels = _labels(sample, data, tokenizer.pad_token_id, batch_size)
     findings: list[Finding] = []
     if data.train.format == "messages":
@@ -116,18 +149,11 @@ def run_checks(prepared: PreparedData, data: DataSection, checks: ChecksSection,
     else:
         findings.append(_check_eos(sample, labels, tokenizer.eos_token_id, repr(tokenizer.eos_token)))
 
-    report = prepared.train_report
-    if report.boundary_checked:
-        share = report.boundary_mismatches / report.boundary_checked
-        detail = f"{report.boundary_mismatches} of {report.boundary_checked} prompt/completion pairs tokenize differently joined"
-        if share > checks.max_boundary_mismatch_share:
-            findings.append(Finding("boundary", False, f"{detail} (rows {_rows(report.boundary_mismatch_rows)})",
-                                    "move separators to the end of the completion side: prompts should not end with "
-                                    "a space the completion's first word would carry (e.g. 'A:' + ' Paris', not "
-                                    "'A: ' + 'Paris'), or raise checks.max_boundary_mismatch_share"))
-        else:
-            findings.append(Finding("boundary", True, detail))
+    boundary = _check_boundary(prepared, sample, checks)
+    if boundary is not None:
+        findings.append(boundary)
 
+    report = prepared.train_report
     share = report.truncated / max(report.rows, 1)
     detail = f"{report.truncated} of {report.rows} examples ({share:.0%}) were cut to max_length {data.max_length}"
     if share > checks.max_truncated_share:

@@ -1,4 +1,4 @@
-"""`lora-causal {train,validate,show,inspect,merge,generate,bench}`: argument parsing and dispatch only.
+"""`lora-causal {train,validate,show,inspect,merge,generate,bench,cache}`: argument parsing and dispatch only.
 
 Problems with the user's input (`UserError`) print one line on stderr and exit with status 2.
 """
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from lora_causal import __version__
-from lora_causal.errors import DISK_ERRNOS, RunInterrupted, UserError
+from lora_causal.errors import DISK_ERRNOS, ReportedElsewhere, RunInterrupted, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -89,7 +89,21 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--raw", action="store_true", help="tokenize the prompt as is, without the training format")
+    cache = commands.add_parser("cache", help="manage the prepared (tokenized) data cache")
+    cache_commands = cache.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
+    clear = cache_commands.add_parser("clear", help="delete every prepared dataset in the cache folder")
+    clear.add_argument("--dir", help="the cache folder (default: $LORA_CAUSAL_CACHE/data or ~/.cache/lora_causal/data)")
     return parser
+
+
+def _cache_clear(folder: str | None) -> None:
+    from pathlib import Path
+
+    from lora_causal.prepare import clear_cache, default_cache_dir
+
+    target = Path(folder).expanduser() if folder else default_cache_dir()
+    removed, size = clear_cache(target)
+    print(f"removed {removed} prepared datasets ({size / 2**20:.1f} MiB) from {target}")
 
 
 def _quiet_libraries() -> None:
@@ -264,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _bench(args)
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "cache":
+            _cache_clear(args.dir)
         else:
             _train(args.recipe, args.overrides, args.resume, args.overwrite)
     except UserError as exc:
@@ -271,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except RunInterrupted as exc:
         _say_once(f"{exc}\n")
+        return exc.exit_code
+    except ReportedElsewhere as exc:  # another process of this launch printed the error
         return exc.exit_code
     except OSError as exc:
         if exc.errno not in DISK_ERRNOS:

@@ -97,11 +97,15 @@ class LoraSection(_Section):
 
 
 class DataSource(_Section):
-    """One file (JSONL, JSON, CSV, Parquet) or one Hub dataset id."""
+    """One file (JSONL, JSON, CSV, Parquet), a folder of .jsonl or .parquet shards, or one Hub dataset id."""
 
     path: str = Field(min_length=1)
     format: Literal["text", "prompt_completion", "alpaca", "messages"]
     split: str = "train"  # for Hub datasets
+    # Hub datasets only: the configuration (e.g. gsm8k's "main"), which of its files, and which commit or branch.
+    config: str | None = None
+    data_files: list[str] | None = None
+    revision: str | None = None
     columns: dict[str, str] = {}  # canonical field -> the file's column name, e.g. {prompt: question}
     # alpaca only: a template with {instruction} and {input}; defaults to the Stanford Alpaca prompts.
     template: str | None = None
@@ -128,6 +132,9 @@ class EvalSection(_Section):
     path: str | None = None
     format: Literal["text", "prompt_completion", "alpaca", "messages"] | None = None  # defaults to train's
     split: str = "train"
+    config: str | None = None
+    data_files: list[str] | None = None
+    revision: str | None = None
     columns: dict[str, str] | None = None
     split_ratio: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | None = None
 
@@ -145,6 +152,12 @@ class DataSection(_Section):
     max_length: PositiveInt = 2048
     # keep_start cuts the end of long examples, keep_end cuts their start, drop removes them.
     truncation: Literal["keep_start", "keep_end", "drop"] = "keep_start"
+    # Tokenizing processes; default: min(CPU cores, 8), and 1 for small files.
+    num_proc: PositiveInt | None = None
+    # Tokenized data is kept (memory-mapped Arrow) and reused while nothing that changes its tokens changes.
+    # false: prepare it afresh this time. cache_dir defaults to $LORA_CAUSAL_CACHE/data or ~/.cache/lora_causal/data.
+    cache: bool = True
+    cache_dir: str | None = None
 
     @model_validator(mode="after")
     def _mask_prompt_needs_prompt(self) -> DataSection:
@@ -180,6 +193,8 @@ class TrainSection(_Section):
     pad_to_multiple_of: PositiveInt | None = None
     logging_steps: PositiveInt = 10
     eval_steps: PositiveInt | None = None  # defaults to logging_steps when there is eval data
+    # Seconds a process waits in a collective (all-reduce, barrier) before the run fails (several processes only).
+    collective_timeout_s: PositiveInt = 1800
 
     @model_validator(mode="after")
     def _padding_modes_agree(self) -> TrainSection:
@@ -267,6 +282,13 @@ class Recipe(_Section):
         data = self.model_dump(mode="json")
         for key in ("overwrite", "sample_prompts", "sample_max_new_tokens", "report_to", "merge"):
             data["output"].pop(key, None)
+        for key in ("num_proc", "cache", "cache_dir"):  # how the data is prepared, not what is trained
+            data["data"].pop(key, None)
+        for source in (data["data"]["train"], data["data"].get("eval") or {}):
+            for key in ("config", "data_files", "revision"):  # unset Hub keys: fingerprints of older recipes hold
+                if source.get(key) is None:
+                    source.pop(key, None)
+        data["train"].pop("collective_timeout_s", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -329,6 +351,7 @@ _PATH_KEYS: dict[tuple[str, ...], bool] = {
     ("model", "tokenizer"): True,
     ("data", "train", "path"): True,
     ("data", "eval", "path"): True,
+    ("data", "cache_dir"): False,
     ("output", "dir"): False,
 }
 

@@ -16,6 +16,14 @@ class UserError(Exception):
         super().__init__(" ".join(message.split()))
 
 
+class ReportedElsewhere(Exception):
+    """Another process of the same launch hit the error and reported it; this one exits with its status quietly."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(f"stopped with exit status {exit_code}, reported by another process")
+        self.exit_code = exit_code
+
+
 class RunInterrupted(Exception):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint; carries the exit status (128 + signal)."""
 

@@ -21,6 +21,8 @@ FILLER = "filler"  # the column marking filler rows
 def filler_like(row: dict[str, Any], pad_token_id: int) -> dict[str, Any]:
     """A filler row with the same columns as `row`: one pad token and no target (a pack holds one such example)."""
     if "pack" in row:  # a token-budget pack: the flag is on the pack, the collator passes it to its example
+        if isinstance(row["pack"][0], int):  # a pack of indices: the collator makes its example one pad token
+            return {**row, "pack": row["pack"][:1], FILLER: True}
         return {**row, "pack": [_one_pad_token(row["pack"][0], pad_token_id)], FILLER: True}
     return {**_one_pad_token(row, pad_token_id), FILLER: True}
 

@@ -46,7 +46,7 @@ def dataset_stats(prepared: PreparedData, recipe: Recipe) -> Stats:
     from lora_causal.batching import resolved
 
     report = prepared.train_report
-    lengths = [len(example["input_ids"]) for example in prepared.train]
+    lengths = prepared.train.lengths()
     return Stats(
         examples=report.examples,
         tokens=report.tokens,
@@ -215,7 +215,7 @@ def render_html(tokenizer: Any, prepared: PreparedData, labels: list[list[int]],
     parts.append(f"<img alt='length histogram' src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
     parts.append("<p><span class='tok target'>target</span> the position is trained to predict this token · "
                  "<span class='tok masked'>masked</span> label -100 (context only)</p>")
-    for index, (example, example_labels) in enumerate(zip(prepared.train, labels)):
+    for index, (example, example_labels) in enumerate(zip(prepared.train[: len(labels)], labels)):
         ids = example["input_ids"]
         parts.append(f"<h2>Example {index + 1} · {esc(example['row'])}</h2><p>")
         for position, token_id in enumerate(ids):
@@ -243,7 +243,7 @@ def inspect_recipe(recipe: Recipe, count: int, console: Console, html_path: Path
     """Print the first `count` examples, statistics and checks; write the HTML page and PNG when asked."""
     tokenizer = load_tokenizer(recipe.model)
     prepared = prepare_data(recipe.data, tokenizer, recipe.train.seed)
-    findings = run_checks(prepared, recipe.data, recipe.checks, tokenizer, recipe.train.micro_batch_size)
+    findings = run_checks(prepared, recipe.data, recipe.checks, tokenizer, recipe.train.micro_batch_size, recipe.train.seed)
     labels = example_labels(prepared, recipe, tokenizer.pad_token_id, count)
     for index, example in enumerate(prepared.train[:count]):
         print_example(console, tokenizer, example, labels[index], index, min(count, len(prepared.train)))

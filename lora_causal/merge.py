@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -183,21 +182,20 @@ def copy_nf4_weights_into(dense: Any, quantized: Any, progress: bool | None = No
 
 
 def sample_prompts(source: AdapterSource, tokenizer: Any, user_prompts: list[str], count: int, max_tokens: int) -> list[list[int]]:
-    """Token ids to compare on: the user's prompts, else `count` examples drawn (seeded) from the run's data."""
+    """Token ids to compare on: the user's prompts, else `count` examples drawn (seeded) from the run's data (from
+    its prepared cache entry, or by tokenizing only the drawn rows)."""
     if user_prompts:
         ids = [list(tokenizer(text)["input_ids"])[:max_tokens] for text in user_prompts]
         return [sequence for sequence in ids if len(sequence) >= 2] or _no_prompts()
     if source.recipe is None:
         return _no_prompts()
-    from lora_causal.data import prepare_data
+    from lora_causal.prepare import sample_examples
 
     try:
-        data = prepare_data(source.recipe.data, tokenizer, source.recipe.train.seed)
+        chosen = sample_examples(source.recipe.data, tokenizer, source.recipe.train.seed, count)
     except UserError as exc:
         raise UserError(f"cannot read the run's data for sample prompts ({exc}); pass --prompt TEXT instead") from None
-    examples = data.train + (data.eval or [])
-    chosen = random.Random(source.recipe.train.seed).sample(examples, min(count, len(examples)))
-    return [example["input_ids"][:max_tokens] for example in chosen]
+    return [example["input_ids"][:max_tokens] for example in chosen] or _no_prompts()
 
 
 def _no_prompts() -> list[list[int]]:

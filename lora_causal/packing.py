@@ -3,6 +3,8 @@
 Each pack becomes one padding-free row (the collator's padding-free mode), so micro-batches hold about the same
 number of tokens whatever the lengths, and no padding is computed. The trainer then takes one pack per
 micro-batch; shuffling, sharding across processes and resuming work on packs as they would on examples.
+For prepared (memory-mapped) data the packs hold example indices, computed from the stored lengths, and the
+collator fetches the examples of each micro-batch: nothing is materialised up front.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from lora_causal.even_split import filler_like
 
 
 def best_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
@@ -43,12 +47,28 @@ def pack_examples(examples: list[dict[str, Any]], budget: int) -> list[dict[str,
     return [{"pack": [examples[index] for index in group]} for group in groups]
 
 
+def pack_indices(lengths: Sequence[int], budget: int) -> list[dict[str, list[int]]]:
+    """Packs of example indices (`{"pack": [index, ...]}`) of at most `budget` tokens each."""
+    return [{"pack": group} for group in best_fit_decreasing(lengths, budget)]
+
+
 @dataclass(frozen=True)
 class PackCollator:
-    """Flattens the packs of a micro-batch into one list of examples for a padding-free collator."""
+    """Flattens the packs of a micro-batch into one list of examples for a padding-free collator.
+
+    Packs hold examples, or indices into `examples` (see `pack_indices`). A filler pack of indices becomes one
+    pad token with no target, as `even_split` makes fillers of packs that hold examples.
+    """
 
     collator: Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]
+    examples: Sequence[Mapping[str, Any]] | None = None
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        return self.collator([{**example, "filler": True} if feature.get("filler") else example
-                              for feature in features for example in feature["pack"]])
+        examples = []
+        for feature in features:
+            for item in feature["pack"]:
+                example = self.examples[item] if isinstance(item, int) else item
+                if feature.get("filler"):
+                    example = filler_like(example, self.collator.pad_token_id) if isinstance(item, int) else {**example, "filler": True}
+                examples.append(example)
+        return self.collator(examples)

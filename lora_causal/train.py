@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from lora_causal.config import Recipe
 from lora_causal.errors import DISK_ERRNOS, RunInterrupted, UserError, first_line
@@ -79,6 +79,7 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
             dataloader_pin_memory=torch.cuda.is_available(),
             use_cpu=not torch.cuda.is_available(),
             ddp_find_unused_parameters=False,  # every adapter weight takes part in every forward
+            ddp_timeout=train.collective_timeout_s,
         )
     except (ValueError, ImportError) as exc:
         raise UserError(f"train: the settings cannot run here: {first_line(exc)}") from None
@@ -133,7 +134,7 @@ def run_training(recipe: Recipe, say: Any = print, require_resume: bool = False)
     """
     from lora_causal.processes import check_same_recipe, process_state
 
-    state = process_state()
+    state = process_state(recipe.train.collective_timeout_s)
     if not state.is_main_process:
         say = _silent  # one process speaks for all
     try:
@@ -149,31 +150,12 @@ def _silent(*args: Any, **kwargs: Any) -> None:
     """Non-main processes say nothing."""
 
 
-def _prepare_shared(recipe: Recipe, tokenizer: Any, state: Any) -> Any:
-    """Tokenize once, on the main process, and send the result to the others (a UserError travels too)."""
-    from lora_causal.data import prepare_data
-
-    if state.num_processes == 1:
-        return prepare_data(recipe.data, tokenizer, recipe.train.seed)
-    from accelerate.utils import broadcast_object_list
-
-    payload: list[Any] = [None]
-    if state.is_main_process:
-        try:
-            payload = [prepare_data(recipe.data, tokenizer, recipe.train.seed)]
-        except UserError as exc:
-            payload = [exc]
-    broadcast_object_list(payload, from_process=0)
-    if isinstance(payload[0], UserError):
-        raise payload[0]
-    return payload[0]
-
-
 def _run(recipe: Recipe, state: Any, say: Any, require_resume: bool) -> TrainResult:
     from lora_causal.batching import apply_plan, model_config, plan_for_recipe
     from lora_causal.checks import enforce, run_checks
     from lora_causal.data import render_prompt_ids
     from lora_causal.model import load_tokenizer
+    from lora_causal.prepare import prepare_shared
     from lora_causal.rundir import RunDirectory
     from lora_causal.trackers import check_trackers_installed
 
@@ -192,8 +174,8 @@ def _run(recipe: Recipe, state: Any, say: Any, require_resume: bool) -> TrainRes
     check_max_length(recipe, config)
     plan = plan_for_recipe(recipe, config=config)
     say(plan.line())
-    data = _prepare_shared(recipe, tokenizer, state)
-    findings = run_checks(data, recipe.data, recipe.checks, tokenizer, recipe.train.micro_batch_size)
+    data = prepare_shared(recipe.data, tokenizer, recipe.train.seed, state, say)
+    findings = run_checks(data, recipe.data, recipe.checks, tokenizer, recipe.train.micro_batch_size, recipe.train.seed)
     enforce(findings)
     say(f"data: {data.train_report.summary()}")
     say("checks: " + "; ".join(finding.line() for finding in findings))
@@ -285,13 +267,14 @@ def build_trainer(  # noqa: PLR0913
     meter: TokenMeter | None = None,
     callbacks: list[Any] | None = None,
 ) -> Any:
-    """SFTTrainer over our tokenized examples and our collator (whose batches `meter` counts, if given)."""
+    """SFTTrainer over our tokenized examples (memory-mapped, used as they are) and our collator (whose batches
+    `meter` counts, if given)."""
     from datasets import Dataset
     from transformers import PrinterCallback
 
     from lora_causal.batching import resolved
     from lora_causal.collator import CausalLMCollator
-    from lora_causal.data import model_columns
+    from lora_causal.data import Examples, model_columns
     from lora_causal.even_split import top_up
     from lora_causal.model import set_adapter_dtype
 
@@ -302,12 +285,18 @@ def build_trainer(  # noqa: PLR0913
         padding_free=recipe.train.padding_free,
         pad_to_multiple_of=recipe.train.pad_to_multiple_of,
     )
-    rows: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] = model_columns
+    train = data.train if isinstance(data.train, Examples) else Examples.from_list(data.train)
+    evaluation = data.eval if data.eval is None or isinstance(data.eval, Examples) else Examples.from_list(data.eval)
+    train_dataset = train.model_dataset()
+    eval_dataset = evaluation.model_dataset() if evaluation else None
     if recipe.train.token_budget:
-        from lora_causal.packing import PackCollator, pack_examples
+        from lora_causal.packing import PackCollator, pack_examples, pack_indices
 
-        collator = PackCollator(collator)
-        rows = lambda examples: pack_examples(model_columns(examples), recipe.train.token_budget)  # noqa: E731
+        budget = recipe.train.token_budget
+        collator = PackCollator(collator, train.model_dataset())
+        train_dataset = Dataset.from_list(pack_indices(train.lengths(), budget))  # indices into train
+        if evaluation:  # held-out data is small: its packs carry the examples themselves
+            eval_dataset = Dataset.from_list(pack_examples(model_columns(evaluation), budget))
     # whole optimizer steps on every process: filler rows (no target) instead of accelerate's repeated examples
     processes, pad_id = sft_config.world_size, tokenizer.pad_token_id
     train_rows = sft_config.per_device_train_batch_size * processes * sft_config.gradient_accumulation_steps
@@ -317,8 +306,8 @@ def build_trainer(  # noqa: PLR0913
         model=model,
         args=sft_config,
         data_collator=collator,
-        train_dataset=top_up(Dataset.from_list(rows(data.train)), train_rows, pad_id),
-        eval_dataset=top_up(Dataset.from_list(rows(data.eval)), eval_rows, pad_id) if data.eval else None,
+        train_dataset=top_up(train_dataset, train_rows, pad_id),
+        eval_dataset=top_up(eval_dataset, eval_rows, pad_id) if eval_dataset is not None else None,
         processing_class=tokenizer,
         callbacks=callbacks,
     )

@@ -266,3 +266,57 @@ def test_an_fsdp_config_on_a_cpu_machine_is_refused_before_anything_is_written(t
     _, err = _finish(process, log)
     assert "error: the accelerate config asks for FSDP, which needs GPUs" in err and "exitcode  : 2" in err
     assert not (tmp_path / "run").exists()
+
+
+SLOW_CHATML = (  # a chat template that idles ~0.5 s per render: a preparation far longer than the timeout below
+    "{% for i in range(100000) %}{% for j in range(30) %}{% endfor %}{% endfor %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.slow
+def test_a_preparation_longer_than_the_collective_timeout_still_trains(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import shutil
+    import time
+
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = tmp_path / "slow-tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = SLOW_CHATML
+    tokenizer.save_pretrained(tokenizer_dir)
+    chats = [{"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]}
+             for row in QA_ROWS * 3]
+    tree = base_recipe(tiny_model_dir, write_jsonl(tmp_path / "chats.jsonl", chats), tmp_path / "run",
+                       model={"tokenizer": str(tokenizer_dir)},
+                       train={"max_steps": 2, "micro_batch_size": 2, "collective_timeout_s": 10})
+    tree["data"]["train"]["format"] = "messages"
+    tree["data"]["cache_dir"] = str(tmp_path / "cache")
+    recipe = write_recipe(tmp_path / "recipe.yaml", tree)
+    log = tmp_path / "launch"
+    start = time.monotonic()
+    process = _launch(log, "--config_file", str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"),
+                      "-m", "lora_causal", "train", str(recipe))
+    out, err = _finish(process, log)
+    elapsed = time.monotonic() - start
+    assert process.returncode == 0, err[-3000:]
+    assert elapsed > 3 * 10, f"the preparation took {elapsed:.0f} s in all, not long enough to test the timeout"
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "completed" and manifest["processes"] == 2
+    shutil.rmtree(tmp_path / "cache")
+
+
+@pytest.mark.slow
+def test_a_data_error_stops_every_process_with_one_message(tmp_path: Path, tiny_model_dir: Path) -> None:
+    rows = [*QA_ROWS, {"prompt": "Q: hi\nA:"}]
+    tree = base_recipe(tiny_model_dir, write_jsonl(tmp_path / "bad.jsonl", rows), tmp_path / "run")
+    tree["data"]["cache_dir"] = str(tmp_path / "cache")
+    recipe = write_recipe(tmp_path / "recipe.yaml", tree)
+    log = tmp_path / "launch"
+    process = _launch(log, "--config_file", str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"),
+                      "-m", "lora_causal", "train", str(recipe))
+    _, err = _finish(process, log)
+    assert process.returncode != 0
+    assert err.count("error: data.train: line 5: no 'completion' field") == 1, err[-3000:]
+    assert "Traceback" not in err.split("error: data.train")[0]

@@ -61,7 +61,7 @@ CASES: dict[str, Case] = {
     "messages not a list": lambda t, m: (["train", str(_recipe_file(t, m, [{"messages": "hi"}], fmt="messages"))], r"line 1: 'messages' must be a non-empty list of messages"),
     "row that is not an object": lambda t, m: (["train", str(_recipe_file(t, m, [["Q: hi", "A"]]))], r"line 1: expected an object with fields, got list"),
     "text parquet file": lambda t, m: (["train", str(_recipe_file(t, m)), f"data.train.path={_write(t / 'fake.parquet', 'not parquet')}"], r"fake\.parquet is not a readable Parquet file"),
-    "data path is a folder": lambda t, m: (["train", str(_recipe_file(t, m)), f"data.train.path={t}/"], r"is a folder; give a \.jsonl, \.json, \.csv or \.parquet file"),
+    "data folder without data files": lambda t, m: (["train", str(_recipe_file(t, m)), f"data.train.path={_folder(t / 'empty', 'notes.txt')}"], r"the folder '.*empty' holds no \.jsonl, \.json, \.csv or \.parquet files"),
     "unsupported data file type": lambda t, m: (["train", str(_recipe_file(t, m)), f"data.train.path={_write(t / 'data.txt', 'hi')}"], r"'data\.txt' has an unsupported type"),
     "output dir under a file": lambda t, m: (["train", str(_recipe_file(t, m)), f"output.dir={_write(t / 'afile', 'x')}/run"], r"output\.dir: '.*afile' is a file, so .* cannot be created"),
     "activation offloading without a GPU": lambda t, m: (["validate", str(_recipe_file(t, m)), "train.activation_offloading=true"], r"train\.activation_offloading moves activations between a GPU and the CPU; there is no GPU here"),
@@ -80,6 +80,13 @@ CASES: dict[str, Case] = {
 
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
+    return path
+
+
+def _folder(path: Path, *names: str) -> Path:
+    path.mkdir()
+    for name in names:
+        (path / name).write_text("hi")
     return path
 
 
