@@ -190,7 +190,7 @@ def _run_stock(spec: BenchSpec, examples: list[list[int]], result: ArmResult, wo
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from lora_causal.metrics import TokenMeter
-    from lora_causal.train import trainer_class
+    from lora_causal.trainer import trainer_class
 
     compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     start = time.perf_counter()
@@ -216,7 +216,7 @@ def _run_lora_causal(spec: BenchSpec, examples: list[list[int]], result: ArmResu
     from lora_causal.data import DataReport, PreparedData
     from lora_causal.metrics import TokenMeter
     from lora_causal.model import attach_lora, load_base_model, load_tokenizer
-    from lora_causal.train import build_sft_config, build_trainer
+    from lora_causal.trainer import build_sft_config, build_trainer
 
     lever = LEVERS[spec.arm]
     recipe = Recipe.model_validate({

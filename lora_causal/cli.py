@@ -126,7 +126,7 @@ def _validate(recipe_path: str, overrides: Sequence[str]) -> None:
 
     from lora_causal.batching import plan_for_recipe
     from lora_causal.config import load_recipe
-    from lora_causal.train import describe_configs
+    from lora_causal.trainer import describe_configs
 
     recipe = load_recipe(recipe_path, overrides)
     configs = describe_configs(recipe)

@@ -113,7 +113,7 @@ def test_every_shipped_recipe_validates_and_builds_its_configs(recipe_file: Path
     from trl import SFTConfig
 
     from lora_causal.model import build_lora_config, build_quantization_config, resolve_compute_dtype
-    from lora_causal.train import build_sft_config
+    from lora_causal.trainer import build_sft_config
 
     recipe = load_recipe(recipe_file)
     quantization = build_quantization_config(recipe.quantization, resolve_compute_dtype(recipe.quantization.compute_dtype))

@@ -241,7 +241,7 @@ def test_sharded_runs_refuse_what_cannot_be_sharded_and_pick_the_adapter_dtype(t
     from lora_causal.config import load_recipe
     from lora_causal.errors import UserError
     from lora_causal.model import adapter_dtype_name
-    from lora_causal.train import check_sharding
+    from lora_causal.preflight import check_sharding
 
     data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
     path = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model_dir, data, tmp_path / "run"))

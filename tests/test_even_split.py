@@ -55,7 +55,7 @@ def _trainer(tmp_path: Path, model_dir: Path, rows: list[dict], padding_free: bo
     from lora_causal.config import load_recipe
     from lora_causal.data import prepare_data
     from lora_causal.model import attach_lora, load_base_model, load_tokenizer
-    from lora_causal.train import build_sft_config, build_trainer
+    from lora_causal.trainer import build_sft_config, build_trainer
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(tmp_path / "rows.jsonl", rows)

@@ -13,7 +13,8 @@ from conftest import QA_ROWS, base_recipe, write_jsonl, write_recipe
 from lora_causal.config import Recipe, load_recipe
 from lora_causal.data import prepare_data
 from lora_causal.model import attach_lora, load_base_model, load_tokenizer
-from lora_causal.train import build_sft_config, build_trainer, run_training
+from lora_causal.train import run_training
+from lora_causal.trainer import build_sft_config, build_trainer
 
 
 def _recipe(tmp_path: Path, model_dir: Path, **sections) -> Recipe:
