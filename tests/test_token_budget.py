@@ -49,6 +49,22 @@ def test_pack_collator_builds_one_padding_free_row_per_pack() -> None:
     assert sorted(token for row in rows for token in row["input_ids"][0].tolist()) == list(range(1, 10))
 
 
+def test_packs_of_indices_and_their_fillers() -> None:
+    from datasets import Dataset
+
+    from lora_causal.even_split import top_up
+    from lora_causal.packing import pack_indices
+
+    examples = [{"input_ids": [1, 2, 3], "prompt_length": 1}, {"input_ids": [4, 5]}, {"input_ids": [6, 7, 8, 9]}]
+    packs = top_up(Dataset.from_list(pack_indices([3, 2, 4], budget=6)), 3, pad_token_id=0)  # 2 packs + 1 filler
+    collate = PackCollator(CausalLMCollator(pad_token_id=0, mask_prompt=True, padding_free=True), examples)
+    by_index = collate([packs[0], packs[1]])
+    by_value = PackCollator(collate.collator)([{"pack": [examples[i] for i in p["pack"]]} for p in (packs[0], packs[1])])
+    assert all(by_index[key].tolist() == by_value[key].tolist() for key in ("input_ids", "labels", "position_ids"))
+    filler = collate([packs[2]])
+    assert packs[2]["filler"] and filler["input_ids"].tolist() == [[0]] and filler["labels"].tolist() == [[-100]]
+
+
 def _epoch(tmp_path: Path, model_dir: Path, name: str, **train: object) -> list[dict]:
     data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS * 4)  # 16 examples of 20-25 tokens
     tree = base_recipe(model_dir, data, tmp_path / name, train={"epochs": 1.0, "logging_steps": 1, **train})
