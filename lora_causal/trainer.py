@@ -128,9 +128,9 @@ def trainer_class() -> type:
             metrics = {f"{metric_key_prefix}_loss": float(loss_sum / tokens.clamp(min=1)),
                        f"{metric_key_prefix}_supervised_tokens": int(tokens),
                        f"{metric_key_prefix}_runtime": round(time.perf_counter() - start, 4)}
+            self.log(metrics)  # in eval mode, so TRL adds its eval metrics (token accuracy, entropy) to the log
             if was_training:
                 model.train()
-            self.log(metrics)
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
             return metrics
 
