@@ -21,6 +21,7 @@ import lora_causal.attention as attention
 from lora_causal.collator import CausalLMCollator
 from lora_causal.config import ModelSection, QuantizationSection
 from lora_causal.model import load_base_model
+from test_packing import _alone, _packed
 
 TOLERANCE = 1e-4
 SEQUENCES = [[1, 53, 30, 77, 41, 12, 9, 33, 2], [1, 99, 12, 2], [1, 45, 46, 47, 48, 49, 50, 51, 52, 60, 61, 2]]
@@ -90,20 +91,6 @@ def _load(folder: Path, attn: str):
     model = load_base_model(ModelSection(name_or_path=str(folder), attn_implementation=attn),
                             QuantizationSection(mode="none"), seed=0)
     return model.eval()
-
-
-def _alone(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits[0]
-
-
-def _packed(model, sequences: list[list[int]]) -> list[torch.Tensor]:
-    batch = CausalLMCollator(pad_token_id=0, padding_free=True)([{"input_ids": ids} for ids in sequences])
-    batch.pop("labels")
-    with torch.no_grad():
-        logits = model(**batch, use_cache=False).logits[0]
-    bounds = batch["cu_seq_lens_q"].tolist()
-    return [logits[start:end] for start, end in zip(bounds, bounds[1:])]
 
 
 def _worst(model, reference) -> float:

@@ -84,27 +84,26 @@ def test_eval_loss_is_per_supervised_token_whatever_the_batching(tmp_path: Path,
                                                             padding_free, micro_batch)
             results[padding_free, micro_batch] = trainer.evaluate()["eval_loss"]
     # by hand: the summed cross-entropy of every supervised next token, over their number
-    total, count = 0.0, 0
-    model.eval()
-    for example in prepared.eval:
-        ids = example["input_ids"]
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
-        targets = torch.tensor(ids[1:])
-        mask = torch.arange(1, len(ids)) >= example["prompt_length"]
-        total += float(F.cross_entropy(logits[mask], targets[mask], reduction="sum"))
-        count += int(mask.sum())
+    sums = _summed_losses(model, prepared.eval)
+    total, count = sum(loss for loss, _ in sums), sum(n for _, n in sums)
     assert len(set(round(value, 5) for value in results.values())) == 1, results
     assert results[True, 1] == pytest.approx(total / count, abs=1e-5)
-    # the per-batch average the stock evaluation would report differs on these uneven lengths
-    per_example = []
-    for example in prepared.eval:
+    # the per-example average the stock evaluation would report differs on these uneven lengths
+    per_example = [loss / n for loss, n in sums]
+    assert abs(sum(per_example) / len(per_example) - total / count) > 1e-3
+
+
+def _summed_losses(model, examples) -> list[tuple[float, int]]:
+    """Per example: the summed cross-entropy of its supervised next tokens (the model alone, no trainer), and their count."""
+    model.eval()
+    sums = []
+    for example in examples:
         ids = example["input_ids"]
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
         mask = torch.arange(1, len(ids)) >= example["prompt_length"]
-        per_example.append(float(F.cross_entropy(logits[mask], torch.tensor(ids[1:])[mask])))
-    assert abs(sum(per_example) / len(per_example) - total / count) > 1e-3
+        sums.append((float(F.cross_entropy(logits[mask], torch.tensor(ids[1:])[mask], reduction="sum")), int(mask.sum())))
+    return sums
 
 
 def test_training_loss_of_the_trainer_is_the_seed_articles_mean(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -117,14 +116,7 @@ def test_training_loss_of_the_trainer_is_the_seed_articles_mean(tmp_path: Path, 
         batch = next(iter(trainer.get_train_dataloader()))
         model.train()
         losses[padding_free] = float(trainer.compute_loss(model, dict(batch), num_items_in_batch=None))
-    total, count = 0.0, 0
-    model.eval()
-    for example in prepared.train:
-        ids = example["input_ids"]
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
-        mask = torch.arange(1, len(ids)) >= example["prompt_length"]
-        total += float(F.cross_entropy(logits[mask], torch.tensor(ids[1:])[mask], reduction="sum"))
-        count += int(mask.sum())
+    sums = _summed_losses(model, prepared.train)
+    total, count = sum(loss for loss, _ in sums), sum(n for _, n in sums)
     assert losses[False] == pytest.approx(total / count, abs=1e-5)
     assert losses[True] == pytest.approx(total / count, abs=1e-5)
