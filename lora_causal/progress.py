@@ -81,7 +81,7 @@ def train_line(step: int, max_steps: int, logs: dict[str, Any], smoothed: float 
 
 
 def eval_line(step: int, max_steps: int, logs: dict[str, Any]) -> str:
-    """One greppable line for an evaluation: `eval step N/M loss L accuracy A runtime S`."""
+    """One greppable line for an evaluation: `eval step N/M loss L [accuracy A] runtime S`."""
     parts = [f"eval step {step}/{max_steps}"]
     if "eval_loss" in logs:
         parts.append(f"loss {logs['eval_loss']:.4f}")

@@ -26,7 +26,7 @@ TRAIN_LINE = re.compile(
     r"^step (\d+)/4 epoch \d+\.\d\d loss \d+\.\d{4} smooth \d+\.\d{4} lr \d\.\d\de[-+]\d\d grad_norm \S+ "
     r"tok/s [\d,]+ sup_tok/s [\d,]+ mem \d+\.\d\dGiB elapsed \d+:\d\d:\d\d eta \d+:\d\d:\d\d$"
 )
-EVAL_LINE = re.compile(r"^eval step (\d+)/4 loss \d+\.\d{4} accuracy \d\.\d{4} runtime \d+\.\ds$")
+EVAL_LINE = re.compile(r"^eval step (\d+)/4 loss \d+\.\d{4}( accuracy \d\.\d{4})? runtime \d+\.\ds$")
 
 
 def _recipe(folder: Path, model_dir: Path, **sections: dict) -> Path:
