@@ -16,7 +16,9 @@ Rules (a stable API: tests/test_collator.py checks each one with exact tensors):
 
 Extensions: for multi-turn chat, a feature may carry `target_mask` (one 0/1 per token, 1 = target); with
 `mask_prompt=True` positions whose mask is 0 also get -100 (user turns after the first assistant turn). A feature
-with `filler: True` has no target at all (every label -100): it only keeps processes in step (see even_split).
+with `filler: True` has no target at all (every label -100): it only keeps processes in step (see even_split); a
+batch holding fillers also carries `filler_tokens` (their token count), which the trainer takes out before the
+model sees the batch, so token counts stay counts of real data.
 """
 
 from __future__ import annotations
@@ -62,9 +64,11 @@ class CausalLMCollator:
             raise ValueError("cannot collate an empty list of features")
         sequences = [_input_ids(feature, index) for index, feature in enumerate(features)]
         labels = [self._labels(feature, ids, index) for index, (feature, ids) in enumerate(zip(features, sequences))]
-        if self.padding_free:
-            return _padding_free_batch(sequences, labels)
-        return self._padded_batch(sequences, labels)
+        batch = _padding_free_batch(sequences, labels) if self.padding_free else self._padded_batch(sequences, labels)
+        fillers = sum(len(ids) for feature, ids in zip(features, sequences) if feature.get("filler"))
+        if fillers:
+            batch["filler_tokens"] = fillers
+        return batch
 
     def _labels(self, feature: Mapping[str, Any], ids: list[int], index: int) -> list[int]:
         if feature.get("filler"):

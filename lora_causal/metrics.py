@@ -26,10 +26,12 @@ class TokenMeter:
         self._device_tokens: Any = 0  # real (non-pad) tokens counted from attention masks
         self._device_targets: Any = 0  # positions the loss scores
 
-    def add(self, batch: Mapping[str, Any]) -> None:
+    def add(self, batch: Mapping[str, Any], filler_tokens: int = 0) -> None:
+        """Count a batch; `filler_tokens` of it are filler rows (see even_split), computed but not data."""
         self._device_targets = self._device_targets + (batch["labels"][..., 1:] != -100).sum()
         self.padded += batch["input_ids"].numel()
         mask = batch.get("attention_mask")
+        self._host_tokens -= int(filler_tokens)
         if mask is None:
             self._host_tokens += batch["input_ids"].numel()
         else:

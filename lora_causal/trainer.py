@@ -95,8 +95,9 @@ def trainer_class() -> type:
             self.meter = meter
 
         def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            fillers = inputs.pop("filler_tokens", 0)  # the collator's count of filler tokens: not for the model
             if self.meter is not None:
-                self.meter.add(inputs)
+                self.meter.add(inputs, fillers)
             return super().training_step(model, inputs, *args, **kwargs)
 
         def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict:
@@ -118,6 +119,7 @@ def trainer_class() -> type:
             # multiplies by the process count (DDP then averages gradients): undo both to get this batch's sum
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             for inputs in dataloader:
+                inputs.pop("filler_tokens", None)
                 inputs = self._prepare_inputs(inputs)
                 count = (inputs["labels"][..., 1:] != -100).sum()
                 with torch.no_grad(), self.compute_loss_context_manager():

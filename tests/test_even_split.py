@@ -37,6 +37,18 @@ def test_fillers_have_no_target_in_every_collator_mode() -> None:
     assert padded["labels"].tolist() == [[5, 6, 7], [-100, -100, -100]]
     packed = CausalLMCollator(pad_token_id=0, padding_free=True, mask_prompt=True)(features)
     assert packed["labels"].tolist() == [[-100, 6, 7, -100]]
+    assert padded["filler_tokens"] == packed["filler_tokens"] == 1  # so the token meter counts real data only
+    assert "filler_tokens" not in CausalLMCollator(pad_token_id=0)(features[:1])
+
+
+def test_the_token_meter_leaves_fillers_out() -> None:
+    from lora_causal.metrics import TokenMeter
+
+    features = [{"input_ids": [5, 6, 7]}, {"input_ids": [0], "filler": True}]
+    for padding_free in (False, True):
+        meter, batch = TokenMeter(), CausalLMCollator(pad_token_id=0, padding_free=padding_free)(features)
+        meter.add(batch, batch.pop("filler_tokens"))
+        assert (meter.tokens, meter.target_tokens) == (3, 2)
 
 
 def test_fillers_in_token_budget_packs() -> None:
