@@ -101,9 +101,13 @@ def _parser() -> argparse.ArgumentParser:
 def _cache_clear(folder: str | None) -> None:
     from pathlib import Path
 
+    from lora_causal.paths import check_can_create, expand
     from lora_causal.prepare import clear_cache, default_cache_dir
 
-    target = Path(folder).expanduser() if folder else default_cache_dir()
+    if folder is not None and not folder.strip():
+        raise UserError("--dir: give the cache folder, or leave --dir out for the default one")
+    target = expand(folder, "--dir") if folder else default_cache_dir()
+    check_can_create(target, "--dir", "folder")
     removed, size = clear_cache(target)
     print(f"removed {removed} prepared datasets ({size / 2**20:.1f} MiB) from {target}")
 
@@ -174,13 +178,12 @@ def _train(recipe_path: str, overrides: Sequence[str], resume: bool = False, ove
 
 
 def _show(run_dir: str) -> None:
-    from pathlib import Path
-
     from rich.console import Console
 
+    from lora_causal.paths import expand
     from lora_causal.summary import show_run
 
-    show_run(Path(run_dir), Console(highlight=False, soft_wrap=True))
+    show_run(expand(run_dir, "RUN_DIR"), Console(highlight=False, soft_wrap=True))
 
 
 def _inspect(args: argparse.Namespace) -> int:

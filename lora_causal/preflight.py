@@ -8,7 +8,7 @@ system is refused here, in one line, before a tokenizer, data or weights load an
 - LoRA: every `lora.target_modules` and `lora.modules_to_save` name matches a module of the skeleton, and target
   modules are layers LoRA can wrap (the available linear layer names are listed);
 - sharding: what FSDP / ZeRO-3 cannot shard, and a launcher asking for GPUs on a machine without one;
-- outputs: `output.dir` and `output.merge.dir` can be created (no NUL, names the file system accepts, not under
+- outputs: `output.dir`, `output.merge.dir` and `data.cache_dir` can be created (no NUL, names the file system accepts, not under
   a file, writable), and the merge folder is neither part of the run folder nor somebody else's non-empty folder.
 The seed range and other single-value rules live in the recipe schema (lora_causal.config).
 """
@@ -217,6 +217,8 @@ def check_outputs(recipe: Recipe) -> None:
 
     run = Path(recipe.output.dir)
     check_can_create(run, "output.dir")
+    if recipe.data.cache_dir is not None:
+        check_can_create(Path(recipe.data.cache_dir), "data.cache_dir")
     target = merge_target(recipe)
     if target is None:
         return

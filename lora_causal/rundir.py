@@ -45,7 +45,7 @@ RUN_FORMAT_VERSION = 1
 # Everything lora_causal writes at the top of a run folder (plus output.merge.dir, recognised by its merge report):
 # what output.overwrite may remove. Anything else in the folder belongs to someone else and stays.
 RUN_ENTRIES = ("recipe.yaml", MANIFEST, "data_report.json", "metrics.jsonl", "checkpoints", "adapter", "samples.json",
-               "merged")
+               "merged", "loss.png", "tensorboard")
 MERGE_REPORT = "merge_report.json"
 MERGE_REPORT_FORMAT = "lora_causal-merge-report"
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers")

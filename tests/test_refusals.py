@@ -82,12 +82,16 @@ class Ctx:
             (path / file_name).write_text(content)
         return path
 
-    def tree(self, rows: list[Any] | None = None, **sections: Any) -> dict[str, Any]:
+    def tree(self, rows: list[Any] | None = None, fmt: str = "prompt_completion", **sections: Any) -> dict[str, Any]:
         data = write_jsonl(self.tmp / "data.jsonl", QA_ROWS if rows is None else rows)
-        return base_recipe(self.model, data, self.tmp / "run", **sections)
+        tree = base_recipe(self.model, data, self.tmp / "run", **sections)
+        tree["data"]["train"]["format"] = fmt
+        return tree
 
-    def recipe(self, text: str | None = None, rows: list[Any] | None = None, **sections: Any) -> str:
-        return str(write_recipe(self.tmp / "recipe.yaml", text if text is not None else self.tree(rows, **sections)))
+    def recipe(self, text: str | None = None, rows: list[Any] | None = None, fmt: str = "prompt_completion",
+               **sections: Any) -> str:
+        tree = text if text is not None else self.tree(rows, fmt, **sections)
+        return str(write_recipe(self.tmp / "recipe.yaml", tree))
 
     def model_folder(self, name: str, config: Any, raw: str | None = None, extra: dict[str, str] | None = None) -> Path:
         """A model folder: the weightless tokenizer and weights, with this config.json."""
@@ -148,6 +152,11 @@ REMOTE = {"model_type": "mycustom", "auto_map": {"AutoConfig": "configuration_my
 REMOTE_FILES = {"configuration_my.py": "from transformers import PretrainedConfig\n\n\nclass MyConfig(PretrainedConfig):\n"
                                        "    model_type = 'mycustom'\n"}
 NO_USER = "~no_such_user_lora_causal"
+LATIN_CSV = "prompt,completion\nd\xe9j\xe0,vu\n".encode("latin-1")
+BOM_CSV = "\ufeffprompt,answer\nQ: hi?,A: hello.\n".encode("utf-8")
+BIG_FIELD_CSV = ("prompt,completion\n\"" + "Q " * 100_000 + "\",A\nq,a,extra\n").encode("utf-8")
+CHAT_ROW = {"messages": [{"role": "user", "content": "Hi there!"}, {"role": "assistant", "content": "Hello!"}]}
+USER_ONLY = {"messages": [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi there!"}]}
 DEEP_OBJECT = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
 
 
@@ -160,6 +169,12 @@ def _adapter_of_a_config_only_base(ctx: Ctx) -> Path:
     demo's random base)."""
     ctx.folder("cfg", {"config.json": json.dumps(_tiny_config(ctx))})
     return ctx.adapter(config={"base_model_name_or_path": "../cfg"})
+
+
+def _run_with_metrics(ctx: Ctx, metrics: str) -> Path:
+    run = ctx.run()
+    (run / "metrics.jsonl").write_text(metrics)
+    return run
 
 
 def _duplicate_section(ctx: Ctx) -> str:
@@ -404,6 +419,46 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
                                                                     r"has rank r=8 in adapter_model\.safetensors, and adapter_config\.json says r=16", absent=("--base-model",)),
     "generate from a folder with a stray manifest": lambda c: Case(["generate", str(c.folder("app", {"manifest.json": "{}"})), "--prompt", "hi"], r"is neither a lora_causal run directory"),
     "generate without --prompt": lambda c: Case(["generate", str(c.merged())], r"the following arguments are required: --prompt"),
+    # ---- data files ---------------------------------------------------------------------------------------
+    "csv with a byte-order mark names the real missing field": lambda c: Case(
+        ["train", c.recipe(), f"data.train.path={c.file('excel.csv', BOM_CSV)}"],
+        r"data\.train: line 2: no 'completion' field \(format prompt_completion reads prompt, completion; this row has prompt, answer\)"),
+    "csv row with a field over 128 KiB and a bad row after it": lambda c: Case(
+        ["train", c.recipe(), f"data.train.path={c.file('big.csv', BIG_FIELD_CSV)}"], r"big\.csv line 3: 3 fields, but the header has 2"),
+    "csv that is not UTF-8": lambda c: Case(["train", c.recipe(), f"data.train.path={c.file('latin.csv', LATIN_CSV)}"],
+                                            r"latin\.csv is not UTF-8 text"),
+    "jsonl row nested 100000 deep": lambda c: Case(["train", c.recipe(), f"data.train.path={c.file('deep.jsonl', DEEP_OBJECT + chr(10))}"],
+                                                   r"data\.train: deep\.jsonl line 1: nested too deeply to read"),
+    "json file nested 100000 deep": lambda c: Case(["train", c.recipe(), f"data.train.path={c.file('deep.json', _nested(100_000))}"],
+                                                   r"data\.train: deep\.json: nested too deeply to read"),
+    "jsonl row nested 100000 deep, inspect": lambda c: Case(["inspect", c.recipe(), f"data.train.path={c.file('deep.jsonl', DEEP_OBJECT + chr(10))}"],
+                                                            r"nested too deeply to read"),
+    "chat row without an assistant turn": lambda c: Case(["train", c.recipe(rows=[CHAT_ROW, USER_ONLY], fmt="messages")],
+                                                         r"data\.train: line 2: the conversation has no assistant turn, so none of its tokens is a target",
+                                                         absent=("max_length",)),
+    "chat rows that are all system and user": lambda c: Case(["inspect", c.recipe(rows=[USER_ONLY, USER_ONLY], fmt="messages")],
+                                                             r"line 1: the conversation has no assistant turn", absent=("max_length",)),
+    "data.cache_dir under a file": lambda c: Case(["train", c.recipe(), f"data.cache_dir={c.file('afile')}/cache"], r"data\.cache_dir: '.*afile' is a file, so"),
+    "data.cache_dir under an unknown ~user": lambda c: Case(["validate", c.recipe(), f"data.cache_dir={NO_USER}/cache"], r"data\.cache_dir: .*there is no user"),
+    # ---- show ---------------------------------------------------------------------------------------------
+    "show a folder that does not exist": lambda c: Case(["show", str(c.tmp / "nothing")], r"'.*nothing' is not a folder"),
+    "show a file": lambda c: Case(["show", str(c.file("afile"))], r"'.*afile' is not a folder"),
+    "show a folder with a stray manifest": lambda c: Case(["show", str(c.folder("app", {"manifest.json": '{"status": "completed"}', "metrics.jsonl": '{"step": 1, "loss": 1.0}\n'}))],
+                                                          r"'.*app' is not a lora_causal run folder \(no \.lora_causal_run\.json\)"),
+    "show a run with a corrupt manifest": lambda c: Case(["show", str(c.run(raw_manifest="{"))], r"manifest\.json' is not valid JSON"),
+    "show a run with a deeply nested manifest": lambda c: Case(["show", str(c.run(raw_manifest=_nested(100_000)))], r"manifest\.json' is nested too deeply"),
+    "show a run whose manifest is a list": lambda c: Case(["show", str(c.run(raw_manifest="[]"))], r"manifest\.json' must hold a JSON object"),
+    "show a run with no metrics": lambda c: Case(["show", str(c.run())], r"no metrics\.jsonl yet"),
+    "show a run with a deeply nested metrics line": lambda c: Case(["show", str(_run_with_metrics(c, DEEP_OBJECT + "\n"))], r"metrics\.jsonl line 1: not valid JSON"),
+    "show under an unknown ~user": lambda c: Case(["show", f"{NO_USER}/run"], r"RUN_DIR: .*there is no user"),
+    "show without a run": lambda c: Case(["show"], r"the following arguments are required: RUN_DIR"),
+    # ---- cache --------------------------------------------------------------------------------------------
+    "cache clear --dir a file": lambda c: Case(["cache", "clear", "--dir", str(c.file("afile"))], r"--dir: '.*afile' is a file; choose a folder"),
+    "cache clear --dir under a file": lambda c: Case(["cache", "clear", "--dir", f"{c.file('afile')}/cache"], r"--dir: '.*afile' is a file, so"),
+    "cache clear --dir under an unknown ~user": lambda c: Case(["cache", "clear", "--dir", f"{NO_USER}/cache"], r"--dir: .*there is no user"),
+    "cache clear --dir empty": lambda c: Case(["cache", "clear", "--dir", ""], r"--dir: give the cache folder"),
+    "cache clear --dir with a NUL": lambda c: Case(["cache", "clear", "--dir", "c\0"], r"--dir: the path contains a NUL character"),
+    "cache without a subcommand": lambda c: Case(["cache"], r"required: cache_command"),
     # ---- bench --------------------------------------------------------------------------------------------
     "bench --out is a file": lambda c: Case(["bench", "--out", str(c.file("afile"))], r"--out: '.*afile' is a file; choose a folder"),
     "bench --out under a file": lambda c: Case(["bench", "--out", f"{c.file('afile')}/b"], r"--out: '.*afile' is a file, so"),
