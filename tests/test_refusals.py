@@ -527,3 +527,57 @@ def test_the_error_line_of_a_foreign_model_is_short(tmp_path: Path, weightless_m
     code = call_cli(["validate", ctx.recipe(), f"model.name_or_path={ctx.model_folder('t5', T5)}"])
     err = capfd.readouterr().err.strip()
     assert code == 2 and len(err) < 300 + len(str(tmp_path)), err
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the refusals must not cost: unusual but valid input is read, and replacing a run keeps what is not ours
+
+
+def test_a_csv_with_a_byte_order_mark_and_a_field_over_128_kib_is_read(tmp_path: Path, tiny_model_dir: Path, capfd) -> None:
+    import csv
+
+    data = tmp_path / "excel.csv"
+    with data.open("w", encoding="utf-8-sig", newline="") as handle:  # utf-8-sig writes the BOM, as Excel does
+        csv.writer(handle).writerows([["prompt", "completion"], ["Q: What is two plus two?\nA:", " four."],
+                                      ["Q " * 100_000, " blue."]])
+    tree = base_recipe(tiny_model_dir, data, tmp_path / "run", data={"truncation": "keep_end"}, checks={"skip": ["truncation"]})
+    code = call_cli(["inspect", str(write_recipe(tmp_path / "recipe.yaml", tree)), "--n", "1"])
+    out, err = capfd.readouterr()
+    assert code == 0, err[-2000:]
+    assert re.search(r"examples\s+2\b", out), out[-2000:]  # both rows: the BOM did not rename 'prompt', the long field fit
+
+
+def test_overwrite_replaces_only_what_the_run_wrote(tmp_path: Path, tiny_model_dir: Path, capfd) -> None:
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
+    recipe = write_recipe(tmp_path / "recipe.yaml", base_recipe(tiny_model_dir, data, tmp_path / "run", train={"max_steps": 1}))
+    assert call_cli(["train", str(recipe)]) == 0, capfd.readouterr().err[-2000:]
+    run = tmp_path / "run"
+    assert json.loads((run / ".lora_causal_run.json").read_text())["format"] == "lora_causal-run"
+    (run / "notes.txt").write_text("mine")
+    (run / "my-analysis").mkdir()
+    (run / "my-analysis" / "plot.py").write_text("print(1)")
+    (run / ".manifest.json.x1y2z3").write_text("{")  # a temporary file an interrupted atomic write left behind
+    old_adapter = (run / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    assert call_cli(["train", str(recipe), "--overwrite"]) == 0, capfd.readouterr().err[-2000:]
+    assert (run / "notes.txt").read_text() == "mine" and (run / "my-analysis" / "plot.py").is_file()
+    assert not (run / ".manifest.json.x1y2z3").exists()
+    assert (run / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns != old_adapter
+    assert json.loads((run / "manifest.json").read_text())["status"] == "completed"
+
+
+def test_cache_clear_removes_cache_entries_and_nothing_else(tmp_path: Path, capfd) -> None:
+    cache = tmp_path / "cache"
+    key = "0123456789abcdef" * 2
+    (cache / key).mkdir(parents=True)
+    (cache / key / "entry.json").write_text("{}")
+    (cache / f".{key}.123-abcdef01.partial").mkdir()
+    (cache / f".{key}.lock").write_text("")
+    (cache / "launches").mkdir()
+    (cache / "launches" / f"{key}-0.json").write_text("{}")
+    (cache / "photos").mkdir()
+    (cache / "photos" / "cat.jpg").write_text("meow")
+    (cache / "notes.txt").write_text("mine")
+    assert call_cli(["cache", "clear", "--dir", str(cache)]) == 0
+    assert "removed 1 prepared datasets" in capfd.readouterr().out
+    assert sorted(p.name for p in cache.iterdir()) == ["notes.txt", "photos"]
+    assert (cache / "photos" / "cat.jpg").read_text() == "meow"
