@@ -99,7 +99,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cache_clear(folder: str | None) -> None:
-    from pathlib import Path
 
     from lora_causal.paths import check_can_create, expand
     from lora_causal.prepare import clear_cache, default_cache_dir

@@ -14,7 +14,6 @@ folder and renamed at the end, so a crash never leaves half a model.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path

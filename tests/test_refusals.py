@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import stat
@@ -269,6 +268,11 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "unfinished run of another recipe": lambda c: Case(["train", _run_for_recipe(c, '{"status": "running", "recipe_fingerprint": "other"}')],
                                                        r"holds an unfinished run of a different recipe"),
     "resume with no checkpoint": lambda c: Case(["train", c.recipe(), "--resume"], r"--resume: .* holds no unfinished run"),
+    # ---- trackers (none is installed in the test environment: the test below checks that) --------------------
+    "tracker not installed, validate": lambda c: Case(["validate", c.recipe(), "output.report_to=[mlflow]"],
+                                                      r"output\.report_to: mlflow is not installed; install it with `pip install mlflow`"),
+    "tracker not installed, train": lambda c: Case(["train", c.recipe(), "output.report_to=[wandb]"], r"output\.report_to: wandb is not installed"),
+    "second tracker not installed": lambda c: Case(["train", c.recipe(), "output.report_to=[trackio]"], r"trackio is not installed"),
     # ---- the model, from its config -----------------------------------------------------------------------
     "config.json is a list": lambda c: Case(["validate", c.recipe(), f"model.name_or_path={c.model_folder('m', [1, 2])}"],
                                             r"config\.json' must hold a JSON object \(\{\.\.\.\}\), and it holds a list"),
@@ -513,6 +517,12 @@ def test_refused(name: str, tmp_path: Path, weightless_model: Path, adapter_temp
     assert "Traceback" not in err + out
     assert "trainable params" not in out  # no model was built with an adapter
     assert snapshot(tmp_path) == before, "the refused command created, changed or removed files"
+
+
+def test_the_tracker_cases_run_without_those_trackers() -> None:
+    import importlib.util
+
+    assert all(importlib.util.find_spec(name) is None for name in ("mlflow", "wandb", "trackio"))
 
 
 def test_there_are_enough_hostile_cases() -> None:
