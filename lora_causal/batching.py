@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from lora_causal.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from lora_causal.config import Recipe
@@ -128,14 +127,11 @@ def plan_batching(  # noqa: PLR0911, PLR0912, PLR0913
 
 
 def model_config(recipe: Recipe) -> Any:
-    """The model's config (config.json only, no weights)."""
-    from transformers import AutoConfig
+    """The model's config (config.json only, no weights); a damaged or foreign config is one error line."""
+    from lora_causal.preflight import load_model_config
 
-    try:
-        return AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision,
-                                          trust_remote_code=recipe.model.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load model '{recipe.model.name_or_path}': {first_line(exc)}") from None
+    return load_model_config(recipe.model.name_or_path, recipe.model.revision, recipe.model.trust_remote_code,
+                             "model.name_or_path")
 
 
 def plan_for_recipe(recipe: Recipe, device: DeviceInfo | None = None, config: Any = None) -> BatchingPlan:

@@ -6,13 +6,15 @@ Problems with the user's input (`UserError`) print one line on stderr and exit w
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from lora_causal import __version__
-from lora_causal.errors import DISK_ERRNOS, ReportedElsewhere, RunInterrupted, UserError
+from lora_causal.errors import DISK_ERRNOS, ReportedElsewhere, RunInterrupted, UserError, disk_errno
 
 EXIT_USER_ERROR = 2
 
@@ -31,21 +33,21 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a LoRA adapter from a recipe")
     train.add_argument("recipe", help="path to a YAML recipe")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    train.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=overrides_help)
     train.add_argument("--resume", action="store_true",
                        help="require an unfinished run in output.dir and continue it (rerunning resumes anyway)")
     train.add_argument("--overwrite", action="store_true", help="replace a finished run in output.dir")
 
     validate = commands.add_parser("validate", help="check a recipe and build its configs without loading weights")
     validate.add_argument("recipe", help="path to a YAML recipe")
-    validate.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    validate.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=overrides_help)
 
     show = commands.add_parser("show", help="print a run's summary and write its loss plot (finished or running)")
     show.add_argument("run_dir", metavar="RUN_DIR", help="a run's output.dir")
 
     inspect = commands.add_parser("inspect", help="show which tokens are trained, dataset statistics and label checks")
     inspect.add_argument("recipe", help="path to a YAML recipe")
-    inspect.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    inspect.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=overrides_help)
     inspect.add_argument("--n", type=int, default=5, help="examples to show (default 5)")
     inspect.add_argument("--html", help="also write a self-contained HTML page here")
     inspect.add_argument("--png", help="also write the length histogram as a PNG here")
@@ -97,11 +99,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cache_clear(folder: str | None) -> None:
-    from pathlib import Path
 
+    from lora_causal.paths import check_can_create, expand
     from lora_causal.prepare import clear_cache, default_cache_dir
 
-    target = Path(folder).expanduser() if folder else default_cache_dir()
+    if folder is not None and not folder.strip():
+        raise UserError("--dir: give the cache folder, or leave --dir out for the default one")
+    target = expand(folder, "--dir") if folder else default_cache_dir()
+    check_can_create(target, "--dir", "folder")
     removed, size = clear_cache(target)
     print(f"removed {removed} prepared datasets ({size / 2**20:.1f} MiB) from {target}")
 
@@ -126,15 +131,17 @@ def _validate(recipe_path: str, overrides: Sequence[str]) -> None:
 
     from lora_causal.batching import plan_for_recipe
     from lora_causal.config import load_recipe
+    from lora_causal.preflight import check_before_loading
     from lora_causal.trainer import describe_configs
 
     recipe = load_recipe(recipe_path, overrides)
+    config = check_before_loading(recipe)
     configs = describe_configs(recipe)
     print(recipe.to_yaml(), end="")
     print("# built without loading weights:")
     for name, config in configs.items():
         print(f"# {name}: {json.dumps(config, default=str)}")
-    print(f"# {plan_for_recipe(recipe).line()}")
+    print(f"# {plan_for_recipe(recipe, config=config).line()}")
     print(f"# recipe is valid (fingerprint {recipe.fingerprint()})")
 
 
@@ -170,13 +177,12 @@ def _train(recipe_path: str, overrides: Sequence[str], resume: bool = False, ove
 
 
 def _show(run_dir: str) -> None:
-    from pathlib import Path
-
     from rich.console import Console
 
+    from lora_causal.paths import expand
     from lora_causal.summary import show_run
 
-    show_run(Path(run_dir), Console(highlight=False, soft_wrap=True))
+    show_run(expand(run_dir, "RUN_DIR"), Console(highlight=False, soft_wrap=True))
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -188,12 +194,22 @@ def _inspect(args: argparse.Namespace) -> int:
     from lora_causal.config import load_recipe
     from lora_causal.inspection import inspect_recipe
 
+    from lora_causal.paths import check_can_create, expand
+
     if args.n < 1:
         raise UserError("--n must be at least 1")
+    outputs: dict[str, Path | None] = {"--html": None, "--png": None}
+    for option, value in (("--html", args.html), ("--png", args.png)):
+        if value is not None:
+            if not value.strip():
+                raise UserError(f"{option}: give a file name")
+            outputs[option] = expand(value, option)
+            check_can_create(outputs[option], option, "file")
+    if outputs["--html"] is not None and outputs["--html"] == outputs["--png"]:
+        raise UserError("--html and --png name the same file; give each its own")
     recipe = load_recipe(args.recipe, args.overrides)
     console = Console(highlight=False, soft_wrap=False, width=None)
-    findings = inspect_recipe(recipe, args.n, console, Path(args.html) if args.html else None,
-                              Path(args.png) if args.png else None)
+    findings = inspect_recipe(recipe, args.n, console, outputs["--html"], outputs["--png"])
     enforce(findings)  # a failed check is reported once more, as the one error line, with exit status 2
     return 0
 
@@ -207,9 +223,21 @@ def _bench(args: argparse.Namespace) -> None:
     unknown = [arm for arm in arms if arm not in ARMS]
     if unknown or not arms:
         raise UserError(f"--arms: unknown arm {unknown[0] if unknown else '(none)'}; choose from {', '.join(ARMS)}")
+    from lora_causal.paths import check_can_create, expand
+
     for name in ("micro_batch", "grad_accum", "steps", "median", "max_length"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        raise UserError("--warmup must be 0 or more")
+    for name in ("sigma", "memory_cap_gib"):
+        if not math.isfinite(getattr(args, name)) or getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive number, not {getattr(args, name)}")
+    _check_seed(args.seed)
+    if not args.out.strip():
+        raise UserError("--out: give a folder")
+    args.out = str(expand(args.out, "--out"))
+    check_can_create(Path(args.out), "--out", "folder")
     command = " ".join(["lora-causal", *sys.argv[1:]])
     lengths = None
     if args.context_lengths:
@@ -238,6 +266,10 @@ def _merge(args: argparse.Namespace) -> None:
 
     if args.num_prompts < 1:
         raise UserError("--num-prompts must be at least 1")
+    if any(not prompt.strip() for prompt in args.prompt):
+        raise UserError("--prompt: an empty prompt measures nothing; give text, or leave --prompt out to use the run's data")
+    if args.revision is not None and args.base_model is None:
+        raise UserError("--revision applies to --base-model; pass both, or neither")
     report = merge_adapter(
         args.source, args.out, base=args.base, dtype_name=args.dtype, force=args.force, prompts=args.prompt,
         num_prompts=args.num_prompts, base_model=args.base_model, revision=args.revision,
@@ -251,7 +283,19 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
+    if not args.prompt.strip():
+        raise UserError("--prompt: the prompt is empty; give the text to answer")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be 0 (greedy) or a positive number, not {args.temperature}")
+    _check_seed(args.seed)
     print(generate_text(args.source, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.raw))
+
+
+def _check_seed(seed: int) -> None:
+    from lora_causal.config import MAX_SEED
+
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be between 0 and {MAX_SEED} (the seeds numpy accepts), not {seed}")
 
 
 def _say_once(text: str) -> None:
@@ -291,10 +335,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReportedElsewhere as exc:  # another process of this launch printed the error
         return exc.exit_code
     except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            _say_once(f"error: the file system refuses a name as too long: '{exc.filename}'; choose a shorter path\n")
+            return EXIT_USER_ERROR
         if exc.errno not in DISK_ERRNOS:
             raise
         _say_once(f"error: {os.strerror(exc.errno).lower()} while writing {exc.filename or 'output'}; free space "
                   "or choose another output folder\n")
+        return EXIT_USER_ERROR
+    except Exception as exc:  # safetensors reports a full disk with its own exception type
+        code = disk_errno(exc)
+        if code is None:
+            raise
+        _say_once(f"error: {os.strerror(code).lower()} while writing weights; free space or choose another output "
+                  "folder\n")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; run the same command again to resume from the last checkpoint\n")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lora_causal.errors import UserError
 
@@ -33,6 +33,7 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 PositiveInt = Annotated[int, Field(gt=0)]
+MAX_SEED = 2**32 - 1  # numpy's RandomState takes seeds 0..2**32-1, and transformers.set_seed seeds numpy
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
 
@@ -180,7 +181,7 @@ class TrainSection(_Section):
     weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     max_grad_norm: PositiveFloat = 1.0
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_8bit", "sgd"] = "adamw_torch"
-    seed: int = 42
+    seed: int = 42  # 0..MAX_SEED
     gradient_checkpointing: bool = True
     # Keep checkpointed activations in CPU memory between forward and backward (long context; needs a GPU).
     activation_offloading: bool = False
@@ -195,6 +196,14 @@ class TrainSection(_Section):
     eval_steps: PositiveInt | None = None  # defaults to logging_steps when there is eval data
     # Seconds a process waits in a collective (all-reduce, barrier) before the run fails (several processes only).
     collective_timeout_s: PositiveInt = 1800
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, seed: int) -> int:
+        if not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"{seed} is outside 0..{MAX_SEED}, the seeds numpy (and so transformers.set_seed) accepts; "
+                             "choose a seed in that range")
+        return seed
 
     @model_validator(mode="after")
     def _padding_modes_agree(self) -> TrainSection:
@@ -296,11 +305,23 @@ class Recipe(_Section):
 # YAML loading
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping names the same key twice."""
+
+
+MAX_YAML_DEPTH = 64  # sections and lists nested deeper than this are not a recipe (and would exhaust the stack)
+
+
 class _RecipeLoader(yaml.SafeLoader):
-    """Safe YAML that reads `2e-4` as a number (YAML 1.1 would keep it a string) and refuses aliases.
+    """Safe YAML that reads `2e-4` as a number (YAML 1.1 would keep it a string), refuses aliases, duplicate keys
+    and nesting deeper than MAX_YAML_DEPTH.
 
     Aliases (`*name`) are refused because a few nested ones expand to billions of nodes ("billion laughs").
+    A duplicate key would silently replace the first (a second `train:` section drops the first one), so both
+    lines are named.
     """
+
+    _depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
@@ -309,7 +330,30 @@ class _RecipeLoader(yaml.SafeLoader):
                 None, None, "anchors and aliases (&name, *name) are not allowed in recipes; write the values out",
                 event.start_mark,
             )
-        return super().compose_node(parent, index)
+        if self._depth >= MAX_YAML_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested more than {MAX_YAML_DEPTH} levels deep; a recipe is a few sections of values",
+                self.peek_event().start_mark,
+            )
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise _DuplicateKey(f"line {line}: key '{key}' appears twice (first on line {first_line[key]}); "
+                                        "keep one (a repeated section or key would replace the first silently)")
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _FLOAT_RE = re.compile(
@@ -335,6 +379,10 @@ def parse_yaml(text: str, where: str) -> Any:
         raise UserError(f"{where}: larger than 1 MiB; a recipe is a short YAML file")
     try:
         return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - _RecipeLoader is a SafeLoader
+    except RecursionError:
+        raise UserError(f"{where}: nested too deeply to read; a recipe is a few sections of values") from None
+    except _DuplicateKey as exc:
+        raise UserError(f"{where}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
@@ -366,14 +414,24 @@ def looks_local(value: str) -> bool:
     )
 
 
-def _resolve_path(value: str, base: Path, may_be_hub_id: bool) -> str:
-    candidate = Path(value).expanduser()
+def _resolve_path(value: str, base: Path, may_be_hub_id: bool, what: str) -> str:
+    from lora_causal.paths import expand
+
+    candidate = expand(value, what)
     if candidate.is_absolute():
         return str(candidate)
     resolved = (base / candidate).resolve()
-    if not may_be_hub_id or looks_local(value) or resolved.exists():
+    if not may_be_hub_id or looks_local(value) or _exists(resolved):
         return str(resolved)
     return value  # a Hub id such as meta-llama/Llama-3.1-8B
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, False for paths the file system refuses to look up (a name too long): reported where used."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def _get(tree: dict, keys: tuple[str, ...]) -> Any:
@@ -397,7 +455,7 @@ def _resolve_paths(tree: dict, base: Path, only: set[tuple[str, ...]] | None = N
             continue
         value = _get(tree, keys)
         if isinstance(value, str) and value:
-            _set(tree, keys, _resolve_path(value, base, may_be_hub_id))
+            _set(tree, keys, _resolve_path(value, base, may_be_hub_id, ".".join(keys)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -543,10 +601,18 @@ def build_recipe(tree: Any, where: str) -> Recipe:
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (), cwd: Path | None = None) -> Recipe:
     """Read, override, resolve and validate a recipe file."""
-    recipe_path = Path(path).expanduser()
-    if not recipe_path.is_file():
+    from lora_causal.paths import expand
+
+    recipe_path = expand(path, "recipe")
+    try:
+        is_file = recipe_path.is_file()
+    except OSError as exc:
+        raise UserError(f"recipe file cannot be looked up: {recipe_path} ({exc.strerror})") from None
+    if not is_file:
         raise UserError(f"recipe file not found: {recipe_path}")
     try:
+        if recipe_path.stat().st_size > _MAX_YAML_BYTES:
+            raise UserError(f"{recipe_path}: larger than 1 MiB; a recipe is a short YAML file")
         text = recipe_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"{recipe_path}: cannot read the recipe ({exc.__class__.__name__}: {exc})") from None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_causal.errors import UserError, first_line
@@ -48,21 +46,29 @@ def load_for_generation(path: str) -> tuple[Any, Any, str | None, str | None]:
     """
     from lora_causal.merge import REPORT, adapter_tokenizer, check_adapter_fits, locate_adapter, with_adapter
     from lora_causal.model import load_base_model
+    from lora_causal.paths import expand
+    from lora_causal.rundir import is_run_dir
 
-    folder = Path(path).expanduser()
-    is_adapter = (folder / "adapter_config.json").is_file() or (folder / "manifest.json").is_file()
+    folder = expand(path, "MODEL_DIR_OR_RUN_DIR")
+    is_adapter = (folder / "adapter_config.json").is_file() or is_run_dir(folder)
     if folder.is_dir() and (folder / "config.json").is_file() and not is_adapter:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from lora_causal.model import device_map_for_process
+        from lora_causal.preflight import build_skeleton, load_model_config
+        from lora_causal.readers import read_json_object
 
+        build_skeleton(load_model_config(str(folder), None, False, "model"), False, str(folder), "model")
+        fmt = None
+        if (folder / REPORT).is_file():
+            fmt = read_json_object(folder / REPORT, "delete it (then --raw prompts are used) or merge again").get("prompt_format")
+            if fmt is not None and not isinstance(fmt, str):
+                raise UserError(f"'{folder / REPORT}': prompt_format must be text; merge again or delete the report")
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map=device_map_for_process())
             tokenizer = AutoTokenizer.from_pretrained(folder)
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot load a model from '{folder}': {first_line(exc)}") from None
-        report = folder / REPORT
-        fmt = json.loads(report.read_text(encoding="utf-8")).get("prompt_format") if report.is_file() else None
         return model, tokenizer, fmt, None
     source = locate_adapter(str(folder))
     check_adapter_fits(source)

@@ -14,7 +14,6 @@ folder and renamed at the end, so a crash never leaves half a model.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from lora_causal.config import ModelSection, QuantizationSection, Recipe, load_recipe
 from lora_causal.errors import UserError, first_line
+from lora_causal.rundir import MERGE_REPORT as REPORT
+from lora_causal.rundir import MERGE_REPORT_FORMAT
 
 if TYPE_CHECKING:
     import torch
 
 BASES = ("original", "nf4-roundtrip")
 DTYPES = ("bfloat16", "float16", "float32")
-REPORT = "merge_report.json"
 FAITHFUL_TOP1 = 0.99
 FAITHFUL_KL = 1e-3
 
@@ -45,12 +45,16 @@ class AdapterSource:
 
 
 def locate_adapter(path: str, base_model: str | None = None, revision: str | None = None) -> AdapterSource:
-    """Read a run directory (manifest + adapter/) or a bare adapter folder (adapter_config.json)."""
-    folder = Path(path).expanduser()
+    """Read a run directory (marker, manifest, recipe and adapter/) or a bare adapter folder (adapter_config.json)."""
+    from lora_causal.paths import expand
+    from lora_causal.readers import read_json_object
+    from lora_causal.rundir import MANIFEST, RUN_MARKER, is_run_dir
+
+    folder = expand(path, "adapter")
     if not folder.exists():
         raise UserError(f"adapter not found: '{folder}' does not exist; give a run directory or an adapter folder")
-    if (folder / "recipe.yaml").is_file() and (folder / "manifest.json").is_file():
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    if is_run_dir(folder):
+        manifest = read_json_object(folder / MANIFEST, "the run's manifest is damaged; train the run again")
         if manifest.get("status") != "completed" or not (folder / "adapter" / "adapter_config.json").is_file():
             raise UserError(f"'{folder}' holds no finished adapter (run status: {manifest.get('status')}); train it first")
         recipe = load_recipe(folder / "recipe.yaml")
@@ -59,13 +63,39 @@ def locate_adapter(path: str, base_model: str | None = None, revision: str | Non
             model = model.model_copy(update={"name_or_path": base_model, "init": "pretrained", "revision": revision})
         return AdapterSource(folder / "adapter", model, recipe.quantization, recipe.train.seed, recipe)
     if not (folder / "adapter_config.json").is_file():
-        raise UserError(f"'{folder}' is neither a lora_causal run directory nor an adapter folder (no adapter_config.json)")
-    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    name = base_model or config.get("base_model_name_or_path")
+        inside = (f"; its adapter is in '{folder / 'adapter'}'" if (folder / "adapter" / "adapter_config.json").is_file()
+                  else "")
+        raise UserError(f"'{folder}' is neither a lora_causal run directory (no {RUN_MARKER}) nor an adapter folder (no "
+                        f"adapter_config.json){inside}")
+    config = read_json_object(folder / "adapter_config.json", "save the adapter again with peft's save_pretrained")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UserError(f"'{folder}/adapter_config.json' describes a {config.get('peft_type')} adapter; lora_causal "
+                        "merges LoRA adapters only")
+    recorded = config.get("base_model_name_or_path")
+    if base_model is None and recorded is not None and not isinstance(recorded, str):
+        raise UserError(f"'{folder}/adapter_config.json': base_model_name_or_path must be text; pass --base-model")
+    name = base_model or (_recorded_base(folder, recorded) if recorded else None)
     if not name:
         raise UserError(f"'{folder}/adapter_config.json' names no base model; pass --base-model")
-    model = ModelSection(name_or_path=name, revision=revision or config.get("revision"))
+    base_folder = Path(name)
+    if base_folder.is_dir() and (base_folder / "config.json").is_file() and not any(
+        next(base_folder.glob(pattern), None) is not None for pattern in ("*.safetensors", "*.bin")
+    ):
+        raise UserError(f"the base of '{folder}' is '{base_folder}', which holds a config but no weights (a "
+                        "model.init: random base, drawn from its config with the run's seed); merge the run directory "
+                        "instead, or pass the weights with --base-model")
+    recorded_revision = config.get("revision") if isinstance(config.get("revision"), str) else None
+    model = ModelSection(name_or_path=name, revision=revision or recorded_revision)
     return AdapterSource(folder, model, QuantizationSection(), 0, None)
+
+
+def _recorded_base(adapter: Path, recorded: str) -> str:
+    """The base named by an adapter: a path relative to the adapter folder (how lora_causal records a local
+    base, see lora_causal.saving) when that exists, else the name as written (a Hub id or an absolute path)."""
+    relative = adapter / recorded
+    if not Path(recorded).is_absolute() and relative.exists():
+        return str(relative.resolve())
+    return recorded
 
 
 def adapter_tokenizer(source: AdapterSource) -> Any:
@@ -87,41 +117,80 @@ def _weights_folder(source: AdapterSource) -> str:
     return source.model.name_or_path
 
 
+def _adapter_ranks(source: AdapterSource) -> tuple[int, dict[str, int]]:
+    """The rank (r) and per-module rank_pattern an adapter's own config declares."""
+    from lora_causal.readers import read_json_object
+
+    config = read_json_object(source.adapter / "adapter_config.json", "save the adapter again with peft's save_pretrained")
+    rank, pattern = config.get("r", 8), config.get("rank_pattern") or {}
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1 or not isinstance(pattern, dict):
+        raise UserError(f"'{source.adapter}/adapter_config.json': r must be a positive integer and rank_pattern an object; "
+                        "save the adapter again with peft's save_pretrained")
+    return rank, {str(key): value for key, value in pattern.items() if isinstance(value, int)}
+
+
+def _declared_rank(name: str, rank: int, pattern: dict[str, int]) -> int:
+    """peft's rule: a rank_pattern key matching the module's name (or its last dotted parts) wins over r."""
+    import re
+
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return rank
+
+
+def _features(layer: Any, side: str) -> int | None:
+    """A layer's input or output width: nn.Linear's in/out_features, or GPT-2 Conv1D's nx/nf."""
+    if layer is None:
+        return None
+    value = getattr(layer, f"{side}_features", None)
+    return value if value is not None else getattr(layer, "nx" if side == "in" else "nf", None)
+
+
 def check_adapter_fits(source: AdapterSource) -> None:
-    """Compare the adapter's LoRA shapes with a weightless skeleton of the base, before loading any weights."""
-    from accelerate import init_empty_weights
+    """Before loading any weights: the adapter's tensors agree with its own config (its rank), and their shapes
+    fit a weightless skeleton of the base."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lora_causal.preflight import build_skeleton, load_model_config
 
     weights = source.adapter / "adapter_model.safetensors"
     if not weights.is_file():
         raise UserError(f"'{source.adapter}' has no adapter_model.safetensors; only safetensors adapters are read")
+    rank, pattern = _adapter_ranks(source)
     try:
-        config = AutoConfig.from_pretrained(
-            source.model.name_or_path,
-            revision=source.model.revision if source.model.init == "pretrained" else None,
-            trust_remote_code=source.model.trust_remote_code,
-        )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load base model '{source.model.name_or_path}': {first_line(exc)}") from None
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=source.model.trust_remote_code)
-    modules = dict(skeleton.named_modules())
-    with safe_open(str(weights), framework="pt") as tensors:
-        for key in tensors.keys():  # noqa: SIM118 - safe_open has no __iter__
-            if ".lora_A." not in key and ".lora_B." not in key:
-                continue
-            name = key.split(".lora_")[0].removeprefix("base_model.model.")
-            layer = modules.get(name)
-            shape = tensors.get_slice(key).get_shape()
-            expected = getattr(layer, "in_features", None) if ".lora_A." in key else getattr(layer, "out_features", None)
-            found = shape[1] if ".lora_A." in key else shape[0]
-            if layer is None or expected != found:
-                raise UserError(
-                    f"the adapter in '{source.adapter}' does not fit base model '{source.model.name_or_path}' "
-                    f"(layer {name}: adapter expects {found} features, base has {expected}); pass the base it was "
-                    "trained on with --base-model"
-                )
+        with safe_open(str(weights), framework="pt") as tensors:
+            shapes = {key: tensors.get_slice(key).get_shape() for key in tensors.keys()}  # noqa: SIM118
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise UserError(f"'{weights}' is not a readable safetensors file ({first_line(exc)}); save the adapter "
+                        "again") from None
+    lora = {key: shape for key, shape in shapes.items() if ".lora_A." in key or ".lora_B." in key}
+    for key, shape in lora.items():
+        name = key.split(".lora_")[0].removeprefix("base_model.model.")
+        found = shape[0] if ".lora_A." in key else (shape[1] if len(shape) > 1 else None)
+        declared = _declared_rank(name, rank, pattern)
+        if len(shape) < 2 or found != declared:
+            raise UserError(
+                f"the adapter in '{source.adapter}' does not match its own adapter_config.json: layer {name} has "
+                f"rank r={found} in adapter_model.safetensors, and adapter_config.json says r={declared}; put the "
+                "adapter_config.json saved with these weights back (or set r to match)"
+            )
+    model = source.model
+    config = load_model_config(model.name_or_path, model.revision if model.init == "pretrained" else None,
+                               model.trust_remote_code, "base model")
+    modules = dict(build_skeleton(config, model.trust_remote_code, model.name_or_path).named_modules())
+    for key, shape in lora.items():
+        name = key.split(".lora_")[0].removeprefix("base_model.model.")
+        layer = modules.get(name)
+        expected = _features(layer, "in" if ".lora_A." in key else "out")
+        found = shape[1] if ".lora_A." in key else shape[0]
+        if layer is None or expected != found:
+            has = f"base has {expected}" if layer is not None else "the base has no such layer"
+            raise UserError(
+                f"the adapter in '{source.adapter}' does not fit base model '{model.name_or_path}' "
+                f"(layer {name}: adapter expects {found} features, {has}); pass the base it was "
+                "trained on with --base-model"
+            )
 
 
 def load_dense_base(source: AdapterSource, dtype: torch.dtype) -> Any:
@@ -146,10 +215,9 @@ def with_adapter(model: Any, adapter: Path) -> Any:
 
     try:
         peft_model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as exc:
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise UserError(
-            f"the adapter in '{adapter}' does not fit base model '{model.name_or_path}' ({first_line(exc)}); "
-            "pass the base it was trained on with --base-model"
+            f"cannot attach the adapter in '{adapter}' to base model '{model.name_or_path}' ({first_line(exc)})"
         ) from None
     peft_model.eval()
     return peft_model
@@ -260,12 +328,41 @@ def verdict(base: str, vs_trained: dict[str, float], vs_unquantized: dict[str, f
 # The whole merge
 
 
-def check_output(out: Path, force: bool) -> None:
-    from lora_causal.rundir import check_can_create
+def check_output(out: Path, force: bool, what: str = "--out") -> None:
+    """`out` can be created; a non-empty one is replaced only with `force`, and only when it holds an earlier merge
+    (a folder with lora_causal's merge report): never somebody else's folder."""
+    from lora_causal.paths import check_can_create
+    from lora_causal.rundir import is_merged_dir
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UserError(f"output folder '{out}' exists and is not empty; choose another --out or pass --force")
-    check_can_create(out, "--out")
+    check_can_create(out, what)
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"output folder '{out}' exists and is not empty; choose another {what} or pass --force")
+        if not is_merged_dir(out):
+            raise UserError(f"{what}: '{out}' is not empty and holds no merged model of lora_causal (--force replaces only "
+                            "an earlier merge); choose a new or empty folder")
+
+
+def public_reference(path: Path | str, merged: Path) -> str:
+    """How the merge report names a local file or folder: relative to the merged folder when they are close
+    (`../adapter`), else by its name only, so the report never carries a machine's absolute paths."""
+    import os
+
+    path = Path(path)
+    relative = os.path.relpath(path, merged)
+    return relative if relative.split(os.sep).count("..") <= 2 else path.name
+
+
+def public_model(model: ModelSection, merged: Path) -> dict[str, Any]:
+    """The base model's recipe section with local paths made public references (Hub ids stay as they are)."""
+    from lora_causal.config import looks_local
+
+    values = model.model_dump(mode="json")
+    for key in ("name_or_path", "tokenizer"):
+        value = values.get(key)
+        if isinstance(value, str) and (Path(value).is_absolute() or looks_local(value)):
+            values[key] = public_reference(value, merged)
+    return values
 
 
 def merge_adapter(  # noqa: PLR0913
@@ -291,8 +388,11 @@ def merge_adapter(  # noqa: PLR0913
         raise UserError(f"--base must be one of {', '.join(BASES)}, not '{base}'")
     if dtype_name not in DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not '{dtype_name}'")
-    target = Path(out).expanduser().resolve()
+    from lora_causal.paths import expand
+
+    target = expand(out, "--out")
     check_output(target, force)
+    target = target.resolve()
     source = locate_adapter(path, base_model, revision)
     if base == "nf4-roundtrip" and source.quantization.mode not in ("nf4", "fp4"):
         raise UserError(f"--base nf4-roundtrip needs a 4-bit trained adapter; this one trained with {source.quantization.mode}")
@@ -319,10 +419,12 @@ def merge_adapter(  # noqa: PLR0913
     vs_trained = compare(merged_logits, trained_logits)
     vs_unquantized = compare(merged_logits, unquantized_logits)
     report = {
+        "format": MERGE_REPORT_FORMAT,
+        "version": 1,
         "base": base,
         "dtype": dtype_name,
-        "base_model": source.model.model_dump(mode="json"),
-        "adapter": str(source.adapter),
+        "base_model": public_model(source.model, target),
+        "adapter": public_reference(source.adapter, target),
         "trained_quantization": source.quantization.model_dump(mode="json"),
         "prompts": len(sample),
         "tokens": sum(len(ids) for ids in sample),
@@ -334,7 +436,6 @@ def merge_adapter(  # noqa: PLR0913
             "unquantized_adapter": perplexity(unquantized_logits, sample),
         },
         "prompt_format": source.recipe.data.train.format if source.recipe else None,
-        "out": str(target),
         "verdict": verdict(base, vs_trained, vs_unquantized),
     }
 
@@ -345,7 +446,7 @@ def merge_adapter(  # noqa: PLR0913
         write_json_atomic(staging / REPORT, report)
 
     write_dir_atomic(target, write)
-    return report
+    return {**report, "out": str(target)}  # the caller's own path; the file travels with the model, so it has none
 
 
 def format_report(report: dict[str, Any]) -> str:

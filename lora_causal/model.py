@@ -155,6 +155,8 @@ def load_base_model(
     except (OSError, ValueError, ImportError) as exc:
         raise UserError(f"cannot load model '{section.name_or_path}': {first_line(exc)}") from None
     model.config.use_cache = False  # transformers honours packed position_ids only without a KV cache
+    if section.init == "random":  # the base is named by its config folder, not by the cache folder of its weights
+        model.config.name_or_path = model.name_or_path = section.name_or_path
     keep_4bit_weights_trainable(model)
     return model
 

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -78,18 +79,35 @@ def data_cache_dir(data: DataSection) -> Path:
     return Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
 
 
+ENTRY_NAME = re.compile(r"[0-9a-f]{32}")
+PARTIAL_NAME = re.compile(r"\.[0-9a-f]{32}\.\d+-[0-9a-f]{8}\.partial")
+LOCK_NAME = re.compile(r"\.[0-9a-f]{32}\.lock")
+LAUNCH_NAME = re.compile(r"[0-9a-f]{32}-\d+\.json(\.\d+\.tmp)?|[0-9a-f]{32}-\d+\.\d+\.tmp")
+
+
 def clear_cache(folder: Path) -> tuple[int, int]:
-    """Delete every entry (complete or partial), lock and launch marker under `folder`; (entries, bytes) removed."""
+    """Delete every entry (complete or partial), lock and launch marker under `folder`; (entries, bytes) removed.
+
+    Only what the cache writes is touched, recognised by its names (a 32-digit hex key, its partial and lock
+    names, launch markers): pointed at a folder of other things by mistake, it removes none of them.
+    """
     if not folder.is_dir():
         return 0, 0
     entries = size = 0
     for child in folder.iterdir():
-        if child.is_dir():
+        if child.is_dir() and not child.is_symlink() and (ENTRY_NAME.fullmatch(child.name) or PARTIAL_NAME.fullmatch(child.name)):
             size += sum(file.stat().st_size for file in child.rglob("*") if file.is_file())
             entries += (child / "entry.json").is_file()
             shutil.rmtree(child, ignore_errors=True)
-        elif child.name.endswith(".lock"):
+        elif child.is_file() and LOCK_NAME.fullmatch(child.name):
             child.unlink(missing_ok=True)
+    launches = folder / "launches"
+    if launches.is_dir() and not launches.is_symlink():
+        for marker in launches.iterdir():
+            if marker.is_file() and LAUNCH_NAME.fullmatch(marker.name):
+                marker.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            launches.rmdir()  # only when nothing else is in it
     return entries, size
 
 

@@ -10,8 +10,12 @@ Layout of `output.dir`:
     checkpoints/     trainer checkpoints, for resuming
     adapter/         the final LoRA adapter (peft format) and the tokenizer
     samples.json     answers to output.sample_prompts before and after training
+    .lora_causal_run.json  the marker that makes the folder a run: {"format": "lora_causal-run", "version": 1}
 
 Nothing is created until the inputs have been checked, so a bad recipe or bad data leaves no directory behind.
+Ownership: only a folder holding the marker is treated as a run (resumed, refused as finished, or replaced with
+output.overwrite); replacing removes only the entries in RUN_ENTRIES, their temporary leftovers and merged models
+(folders with a tagged merge report), never anything else a user keeps in the folder.
 """
 
 from __future__ import annotations
@@ -32,8 +36,18 @@ from typing import Any, Callable
 
 from lora_causal import __version__
 from lora_causal.errors import UserError
+from lora_causal.paths import first_missing
 
 MANIFEST = "manifest.json"
+RUN_MARKER = ".lora_causal_run.json"  # {"format": RUN_FORMAT, "version": 1, ...}: this folder is a lora_causal run
+RUN_FORMAT = "lora_causal-run"
+RUN_FORMAT_VERSION = 1
+# Everything lora_causal writes at the top of a run folder (plus output.merge.dir, recognised by its merge report):
+# what output.overwrite may remove. Anything else in the folder belongs to someone else and stays.
+RUN_ENTRIES = ("recipe.yaml", MANIFEST, "data_report.json", "metrics.jsonl", "checkpoints", "adapter", "samples.json",
+               "merged", "loss.png", "tensorboard")
+MERGE_REPORT = "merge_report.json"
+MERGE_REPORT_FORMAT = "lora_causal-merge-report"
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers")
 
 
@@ -145,29 +159,85 @@ def now() -> str:
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The run's manifest, or None when it is missing or damaged (callers that need it say so)."""
     try:
-        return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The run marker of `folder` if it is one of ours (the right format tag), else None."""
+    try:
+        marker = json.loads((folder / RUN_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != RUN_FORMAT or not isinstance(marker.get("version"), int):
+        return None
+    return marker
+
+
+def is_run_dir(folder: Path) -> bool:
+    """Whether `folder` is a lora_causal run folder: it holds our marker with our format tag."""
+    return folder.is_dir() and read_marker(folder) is not None
+
+
+def is_merged_dir(folder: Path) -> bool:
+    """Whether `folder` holds a model written by `lora-causal merge` (a merge report with our format tag)."""
+    try:
+        report = json.loads((folder / MERGE_REPORT).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(report, dict) and report.get("format") == MERGE_REPORT_FORMAT
+
+
+def _is_ours(child: Path) -> bool:
+    """An entry of a run folder that lora_causal wrote: a listed name, the temporary file or folder of one
+    (an atomic write cut short), or a merged model (output.merge.dir)."""
+    name = child.name
+    if name in RUN_ENTRIES or name == RUN_MARKER:
+        return True
+    if name.startswith(".") and any(name.startswith((f".{entry}.", f".{entry}-")) for entry in (*RUN_ENTRIES, RUN_MARKER)):
+        return True
+    return child.is_dir() and not child.is_symlink() and is_merged_dir(child)
+
+
+def remove_run_entries(folder: Path) -> list[str]:
+    """Delete what lora_causal wrote in a run folder, and nothing else; return the names removed."""
+    removed = []
+    for child in sorted(folder.iterdir()):
+        if child.name == RUN_MARKER or not _is_ours(child):
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+        removed.append(child.name)
+    return removed
 
 
 def check_can_create(path: Path, what: str) -> None:
-    """Refuse, before any work, a folder that cannot be created: under a file, or in a folder we cannot write."""
-    parent = next(p for p in [path, *path.parents] if p.exists())
-    if not parent.is_dir():
-        raise UserError(f"{what}: '{parent}' is a file, so '{path}' cannot be created; choose another folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{what}: cannot write to '{parent}' (permission denied); choose another folder")
+    """Refuse, before any work, a folder that cannot be created (see lora_causal.paths.check_can_create)."""
+    from lora_causal.paths import check_can_create as check
+
+    check(path, what, "folder")
 
 
 @dataclass
 class RunDirectory:
-    """Where a run writes, decided up front; `start` is the first write."""
+    """Where a run writes, decided up front; `start` is the first write.
+
+    A run folder is recognised by its marker (RUN_MARKER, with our format tag), never by a file name that other
+    tools also use: a folder with a stray manifest.json is not a run. Replacing a run (output.overwrite) removes
+    only what lora_causal wrote there; anything else in the folder stays.
+    """
 
     path: Path
     resume_from: Path | None  # a checkpoint to resume from, or None for a fresh run
     replace_existing: bool  # an old run is there and output.overwrite allows replacing it
-    created: bool = False  # set by start() when this invocation made the folder
+    created: bool = False  # set by start() when this invocation made the folder (or found it empty)
+    made: Path | None = None  # the outermost folder start() created (the run folder or a parent of it)
 
     @property
     def checkpoints(self) -> Path:
@@ -177,17 +247,22 @@ class RunDirectory:
     def plan(cls, folder: str, recipe_fingerprint: str, overwrite: bool) -> RunDirectory:
         """Decide fresh run, resume or refusal for `folder`, without writing anything."""
         path = Path(folder)
-        if path.exists() and not path.is_dir():
-            raise UserError(f"output.dir: '{path}' is a file; choose a folder")
+        check_can_create(path, "output.dir")
         if not path.exists() or not any(path.iterdir()):
-            check_can_create(path, "output.dir")
             return cls(path, None, False)
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise UserError(f"output.dir: cannot write to '{path}' (permission denied); choose another folder")
+        if read_marker(path) is None:
+            raise UserError(
+                f"output.dir: '{path}' is not empty and holds no lora_causal run (no {RUN_MARKER}); choose a new or "
+                "empty folder"
+            )
         manifest = read_manifest(path)
         if manifest is None:
+            if overwrite:
+                return cls(path, None, True)
             raise UserError(
-                f"output.dir: '{path}' is not empty and holds no lora_causal run; choose a new or empty folder"
+                f"output.dir: '{path}' holds a lora_causal run whose {MANIFEST} is missing or damaged, so it can be "
+                "neither resumed nor trusted as finished; set output.overwrite=true to replace the run, or choose "
+                "another output.dir"
             )
         same_recipe = manifest.get("recipe_fingerprint") == recipe_fingerprint
         if manifest.get("status") == "completed":
@@ -208,14 +283,17 @@ class RunDirectory:
         )
 
     def start(self, manifest: dict[str, Any], recipe_yaml: str) -> None:
-        """Create (or clear, when replacing) the folder and write the resolved recipe and a running manifest."""
+        """Create (or clear what an old run wrote, when replacing) the folder, mark it as a run, and write the
+        resolved recipe and a running manifest."""
         if self.replace_existing:
-            for child in self.path.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-        self.created = not self.path.exists() or not any(self.path.iterdir())
+            remove_run_entries(self.path)
+        self.made = first_missing(self.path)
+        self.created = self.made is not None or not any(self.path.iterdir())
         self.path.mkdir(parents=True, exist_ok=True)
         if self.resume_from is not None:
             remove_incomplete_checkpoints(self.checkpoints)
+        write_json_atomic(self.path / RUN_MARKER, {"format": RUN_FORMAT, "version": RUN_FORMAT_VERSION,
+                                                   "recipe_fingerprint": manifest.get("recipe_fingerprint")})
         write_text_atomic(self.path / "recipe.yaml", recipe_yaml)
         self.update_manifest(manifest)
 
@@ -223,11 +301,24 @@ class RunDirectory:
         write_json_atomic(self.path / MANIFEST, manifest)
 
     def clean_up_after_failure(self) -> None:
-        """After a failure: drop half-written checkpoints, and the whole folder if this run made it and has
-        no complete checkpoint to resume from (so nothing half-written is left behind)."""
+        """After a failure: drop half-written checkpoints; if this run started the folder and has no complete
+        checkpoint to resume from, remove what it wrote, and the folders it created (so nothing half-written is
+        left behind, and nothing that was there before is touched)."""
         remove_incomplete_checkpoints(self.checkpoints)
-        if self.created and last_complete_checkpoint(self.checkpoints) is None:
-            shutil.rmtree(self.path, ignore_errors=True)
+        if not self.created or last_complete_checkpoint(self.checkpoints) is not None or not self.path.is_dir():
+            return
+        try:
+            remove_run_entries(self.path)
+            (self.path / RUN_MARKER).unlink(missing_ok=True)
+            if self.made is not None:
+                for folder in [self.path, *self.path.parents]:
+                    if any(folder.iterdir()):
+                        break
+                    folder.rmdir()
+                    if folder == self.made:
+                        break
+        except OSError:
+            pass  # best effort: the error that brought us here is what the user needs to see
 
 
 def base_manifest(recipe_fingerprint: str, seed: int, data_fingerprint: str, recipe_dir: Path) -> dict[str, Any]:

@@ -35,13 +35,30 @@ def gather_adapter_state(model: Any) -> dict[str, Any] | None:
     return state
 
 
+def record_base_reference(staging: Path, target: Path) -> None:
+    """Name a local base in adapter_config.json relative to the adapter folder (`target`), not by an absolute path
+    only this machine resolves; Hub ids stay as they are. `lora-causal merge`/`generate` resolve it back."""
+    import json
+    import os
+
+    config_file = staging / "adapter_config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    base = config.get("base_model_name_or_path")
+    if isinstance(base, str) and os.path.isabs(base) and Path(base).exists():
+        config["base_model_name_or_path"] = os.path.relpath(base, target.resolve())
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_adapter(trainer: Any, model: Any, tokenizer: Any, target: Path, is_main: bool, sharded: bool) -> None:
     """Write the adapter and tokenizer to a staging folder, then move it into place in one rename."""
     from lora_causal.rundir import replace_dir_atomic, write_dir_atomic
 
     if not sharded:
         if is_main:
-            write_dir_atomic(target, lambda staging: (model.save_pretrained(staging), tokenizer.save_pretrained(staging)))
+            write_dir_atomic(target, lambda staging: (model.save_pretrained(staging), tokenizer.save_pretrained(staging),
+                                                      record_base_reference(staging, target)))
         return
     trainer.accelerator.wait_for_everyone()
     unwrapped = trainer.accelerator.unwrap_model(trainer.model_wrapped)
@@ -49,7 +66,8 @@ def save_adapter(trainer: Any, model: Any, tokenizer: Any, target: Path, is_main
     if state is not None:
         if is_main:
             write_dir_atomic(target, lambda staging: (unwrapped.save_pretrained(staging, state_dict=state),
-                                                      tokenizer.save_pretrained(staging)))
+                                                      tokenizer.save_pretrained(staging),
+                                                      record_base_reference(staging, target)))
         trainer.accelerator.wait_for_everyone()
         return
     # FSDP1: every process takes part in building the full state dict, saved into a staging folder all can name
@@ -63,4 +81,5 @@ def save_adapter(trainer: Any, model: Any, tokenizer: Any, target: Path, is_main
     if is_main:
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the run keeps its recipe instead
         tokenizer.save_pretrained(staging)
+        record_base_reference(staging, target)
         replace_dir_atomic(staging, target)

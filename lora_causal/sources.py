@@ -20,6 +20,7 @@ from typing import Any
 from lora_causal.config import DATA_FILE_SUFFIXES, looks_local
 from lora_causal.errors import UserError, first_line
 
+CSV_FIELD_LIMIT = 1 << 30  # characters in one CSV field: any text a row can hold
 WRITE_BATCH_ROWS = 20_000  # rows per Arrow record batch while streaming a source
 HASH_CHUNK = 1 << 22
 
@@ -160,6 +161,8 @@ def _json_rows(file: Path, where: str) -> Iterator[tuple[str, str]]:
         data = json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{where}: {file.name} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise UserError(f"{where}: {file.name}: nested too deeply to read; give a JSON list of objects") from None
     if not isinstance(data, list):
         raise UserError(f"{where}: {file.name} must hold a JSON list of objects (for one object a line, use .jsonl)")
     for index, row in enumerate(data):
@@ -167,24 +170,35 @@ def _json_rows(file: Path, where: str) -> Iterator[tuple[str, str]]:
 
 
 def _csv_rows(file: Path, where: str) -> Iterator[tuple[str, str]]:
-    with file.open(encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            return
-        while True:
-            start = reader.line_num + 1  # a quoted field may span lines: report where the record starts
-            record = next(reader, None)
-            if record is None:
-                break
-            if not any(cell.strip() for cell in record):
-                continue
-            if len(record) != len(header):
-                raise UserError(
-                    f"{where}: {file.name} line {start}: {len(record)} fields, but the header has "
-                    f"{len(header)}; quote fields that contain commas"
-                )
-            yield f"line {start}", json.dumps(dict(zip(header, record)), ensure_ascii=False)
+    """Rows of a CSV file with a header. `utf-8-sig` drops the byte-order mark Excel writes (otherwise the first
+    column's name would start with it), and fields may be as long as the data needs (the csv module's default
+    limit is 128 KiB)."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    try:
+        with file.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.reader(handle)
+            try:
+                header = next(reader, None)
+                if header is None:
+                    return
+                while True:
+                    start = reader.line_num + 1  # a quoted field may span lines: report where the record starts
+                    record = next(reader, None)
+                    if record is None:
+                        break
+                    if not any(cell.strip() for cell in record):
+                        continue
+                    if len(record) != len(header):
+                        raise UserError(
+                            f"{where}: {file.name} line {start}: {len(record)} fields, but the header has "
+                            f"{len(header)}; quote fields that contain commas"
+                        )
+                    yield f"line {start}", json.dumps(dict(zip(header, record)), ensure_ascii=False)
+            except csv.Error as exc:
+                raise UserError(f"{where}: {file.name} line {reader.line_num}: not valid CSV ({exc})") from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _parquet_rows(file: Path, where: str) -> Iterator[tuple[str, str]]:
@@ -231,8 +245,10 @@ def _load_hub(source: Source) -> Any:
 
 def parse_row(file_name: str, location: str, text: str, where: str) -> Any:
     """A row stored by `write_rows`, parsed; a JSONL line that is not JSON is reported with its file and line."""
+    shown = location if location.startswith(file_name) else f"{file_name} {location}"
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        shown = location if location.startswith(file_name) else f"{file_name} {location}"
         raise UserError(f"{where}: {shown}: not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise UserError(f"{where}: {shown}: nested too deeply to read; a row is an object of text fields") from None

@@ -68,7 +68,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
             continue
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             if number == len(lines):  # no newline yet: a line being written right now
                 continue
             raise UserError(f"{path} line {number}: not valid JSON; the file is damaged (each line is one log "
@@ -82,18 +82,17 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A run folder's manifest and metrics records, or a `UserError` saying why it is not a readable run."""
+    from lora_causal.readers import read_json_object
+    from lora_causal.rundir import RUN_MARKER, is_run_dir
+
     if not run_dir.is_dir():
         raise UserError(f"'{run_dir}' is not a folder; give the output.dir of a training run")
-    try:
-        manifest = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"'{run_dir}' is not a lora_causal run folder (no manifest.json); give the output.dir of a "
-                        "training run") from None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{run_dir / 'manifest.json'}: cannot read it ({exc.__class__.__name__}); the file is "
-                        "damaged") from None
-    if not isinstance(manifest, dict):
-        raise UserError(f"{run_dir / 'manifest.json'}: not a run manifest (expected a JSON object)")
+    if not is_run_dir(run_dir):  # a folder with a manifest.json of some other tool is not ours to read or write
+        raise UserError(f"'{run_dir}' is not a lora_causal run folder (no {RUN_MARKER}); give the output.dir of a "
+                        "training run")
+    if not (run_dir / "manifest.json").is_file():
+        raise UserError(f"'{run_dir}' has no manifest.json yet; the run has not started writing, wait a moment")
+    manifest = read_json_object(run_dir / "manifest.json", "the run's manifest is damaged; train the run again")
     records = read_metrics(run_dir)
     if not records:
         raise UserError(f"{run_dir / METRICS}: no step logged yet; wait for the first logging step")

@@ -194,6 +194,11 @@ class RowTokenizer:
                     "remove the conversation"
                 )
             clean.append({"role": message["role"], "content": message["content"]})
+        if not any(message["role"] == "assistant" for message in clean):
+            raise UserError(
+                f"{self.where}: {location}: the conversation has no assistant turn, so none of its tokens is a target; "
+                "add the assistant's answer or remove the row"
+            )
         return clean
 
     def _render(self, location: str, conversations: list[list[dict]], add_generation_prompt: bool) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from lora_causal.config import Recipe
-from lora_causal.errors import DISK_ERRNOS, UserError
+from lora_causal.errors import UserError, disk_errno
 
 if TYPE_CHECKING:
     from lora_causal.batching import BatchingPlan
@@ -58,7 +58,7 @@ def run_training(recipe: Recipe, say: Say = print, require_resume: bool = False)
 
     With `require_resume`, there must be an unfinished run of this recipe in output.dir to continue.
     """
-    from lora_causal.preflight import check_sharding
+    from lora_causal.preflight import check_before_loading
     from lora_causal.processes import check_same_recipe, process_state
 
     state = process_state(recipe.train.collective_timeout_s)
@@ -66,17 +66,18 @@ def run_training(recipe: Recipe, say: Say = print, require_resume: bool = False)
         say = _silent  # one process speaks for all
     try:
         check_same_recipe(recipe.fingerprint())
-        check_sharding(recipe)
+        check_before_loading(recipe)  # everything knowable before weights load or a folder exists
         context, data = _prepare(recipe, state, say, require_resume)
         try:
             result = _train(context, data)
-        except OSError as exc:
-            if exc.errno not in DISK_ERRNOS:
+        except Exception as exc:  # a full disk: OSError, or safetensors' own error type
+            code = disk_errno(exc)
+            if code is None:
                 raise
             if context.is_main:
                 context.run_dir.clean_up_after_failure()
             raise UserError(
-                f"{os.strerror(exc.errno).lower()} while writing {exc.filename or recipe.output.dir}; free space (or "
+                f"{os.strerror(code).lower()} while writing {getattr(exc, 'filename', None) or recipe.output.dir}; free space (or "
                 "choose another output.dir) and run the same command again: it resumes from the last complete checkpoint"
             ) from None
         result.is_main_process = context.is_main

@@ -84,7 +84,7 @@ CASES: dict[str, Case] = {
         lambda t, p: _edit(t, "model.name_or_path", str(p / "no-model")), r"model\.name_or_path: '.*no-model' does not exist"
     ),
     "unknown hub model offline": _recipe_case(
-        lambda t, _: _edit(t, "model.name_or_path", "nobody/no-such-model"), r"cannot load a tokenizer from 'nobody/no-such-model'"
+        lambda t, _: _edit(t, "model.name_or_path", "nobody/no-such-model"), r"cannot load model 'nobody/no-such-model'"
     ),
     "unknown hub dataset offline": _recipe_case(
         lambda t, _: _edit(t, "data.train.path", "nobody/no-such-dataset"),

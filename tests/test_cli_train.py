@@ -30,9 +30,13 @@ def test_demo_recipe_learns_its_answers(tmp_path: Path) -> None:
     assert f"run summary: {run}" in result.stdout and "after training" in result.stdout
     assert (run / "loss.png").is_file()
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    # the adapter names its base as the demo's config folder, relative to itself: not this machine's weights cache
+    base = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == os.path.relpath(REPO / "recipes" / "demo" / "tiny-llama", run / "adapter")
     # output.merge: the NF4-roundtrip merge reproduces the model as trained, and answers the same
     report = json.loads((run / "merged" / "merge_report.json").read_text())
     assert report["base"] == "nf4-roundtrip" and report["verdict"].startswith("faithful")
+    assert str(tmp_path) not in json.dumps(report) and str(Path.home()) not in json.dumps(report)
     assert "verdict: faithful" in result.stdout
     answer = run_cli("generate", str(run / "merged"), "--prompt", "Q: What is the capital of Italy?\nA:")
     assert answer.returncode == 0, answer.stderr[-2000:]

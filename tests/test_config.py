@@ -107,7 +107,7 @@ def test_there_are_shipped_recipes() -> None:
 
 
 @pytest.mark.parametrize("recipe_file", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_every_shipped_recipe_validates_and_builds_its_configs(recipe_file: Path) -> None:
+def test_every_shipped_recipe_validates_and_builds_its_configs(recipe_file: Path, tmp_path: Path) -> None:
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig
     from trl import SFTConfig
@@ -120,7 +120,7 @@ def test_every_shipped_recipe_validates_and_builds_its_configs(recipe_file: Path
     assert isinstance(quantization, BitsAndBytesConfig) and quantization.load_in_4bit
     assert quantization.bnb_4bit_quant_type == "nf4" and quantization.bnb_4bit_use_double_quant
     assert isinstance(build_lora_config(recipe.lora), LoraConfig)
-    sft = build_sft_config(recipe, "/tmp/unused", has_eval=recipe.data.eval is not None)
+    sft = build_sft_config(recipe, str(tmp_path / "checkpoints"), has_eval=recipe.data.eval is not None)
     assert isinstance(sft, SFTConfig)
     assert sft.dataset_kwargs == {"skip_prepare_dataset": True} and sft.remove_unused_columns is False
     if recipe.train.gradient_checkpointing:  # non-reentrant wherever a recipe checkpoints (the demo does not)

@@ -133,16 +133,35 @@ def test_two_nodes_on_loopback(recipe_and_single_run, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=[p.name for p in ACCELERATE_CONFIGS])
-def test_accelerate_configs_load(config: Path) -> None:
+def test_accelerate_configs_launch_what_lora_causal_expects(config: Path, monkeypatch) -> None:
+    """Each config, read by `accelerate launch`'s own argument handling, exports the environment lora_causal reads
+    (not just YAML that parses): FSDP for the FSDP config, ZeRO stage 3 for DeepSpeed, no engine for the others."""
     from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from lora_causal.processes import launcher_engine
 
     loaded = load_config_from_file(str(config))
-    assert loaded.num_processes >= 1
-    if "fsdp" in config.name:
-        assert loaded.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-        assert loaded.fsdp_config["fsdp_use_orig_params"] is False
-    if "zero3" in config.name:
-        assert loaded.deepspeed_config["zero_stage"] == 3
+    if "zero3" in config.name:  # accelerate exports the stage from deepspeed_config.zero_stage; sharded_training reads it
+        assert loaded.deepspeed_config["zero_stage"] == 3 and loaded.distributed_type == "DEEPSPEED"
+        return
+    args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "lora_causal", "train", "r.yaml"])
+    args = _validate_launch_command(args)[0]
+    environment = prepare_multi_gpu_env(args) if args.multi_gpu or args.use_fsdp else {}
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        if name.startswith("ACCELERATE_USE_"):
+            monkeypatch.setenv(name, value)
+    expected_engine = "FSDP" if "fsdp" in config.name else None
+    assert launcher_engine() == expected_engine
+    if expected_engine:  # FSDP-QLoRA needs the original parameters off (mixed 4-bit/float units) and layer wrapping
+        assert environment["FSDP_USE_ORIG_PARAMS"] == "false" and environment["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+    if "single" in config.name:
+        assert args.num_processes == 1
+    else:
+        assert args.num_processes >= 2
 
 
 def test_sharded_training_stores_4bit_weights_in_the_compute_dtype() -> None:

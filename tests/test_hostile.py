@@ -93,6 +93,7 @@ def _folder(path: Path, *names: str) -> Path:
 def _unfinished_run(tmp_path: Path) -> Path:
     run = tmp_path / "unfinished"
     run.mkdir()
+    (run / ".lora_causal_run.json").write_text(json.dumps({"format": "lora_causal-run", "version": 1}))
     (run / "recipe.yaml").write_text("recipe_version: 1\n")
     (run / "manifest.json").write_text(json.dumps({"status": "running"}))
     return run

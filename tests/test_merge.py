@@ -100,6 +100,32 @@ def test_report_is_written_printed_and_consistent(trained_run: Path, tmp_path: P
     assert ppl["merged"] == pytest.approx(ppl["trained_4bit_adapter"], rel=1e-3)
 
 
+def _strings(value: object) -> list[str]:
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in _strings(item)]
+    if isinstance(value, list):
+        return [text for item in value for text in _strings(item)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_what_ships_with_a_merged_model_names_no_local_absolute_path(trained_run: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    import os
+
+    adapter_config = json.loads((trained_run / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == os.path.relpath(tiny_model_dir, trained_run / "adapter")
+    out = tmp_path / "m"
+    merge_adapter(str(trained_run), str(out), base="original", dtype_name="float32", prompts=PROMPTS, say=lambda *_: None)
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["format"] == "lora_causal-merge-report" and "out" not in report
+    assert not os.path.isabs(report["adapter"])
+    absolute = [text for text in _strings(report) if os.path.isabs(text) or str(tmp_path.parent) in text]
+    assert absolute == [], absolute
+    # --force replaces an earlier merge (ours), never another folder
+    merge_adapter(str(trained_run), str(out), base="original", dtype_name="float32", prompts=PROMPTS, force=True,
+                  say=lambda *_: None)
+    assert (out / "model.safetensors").is_file()
+
+
 def test_merged_folder_loads_and_generates_without_peft(trained_run: Path, tmp_path: Path) -> None:
     merge_adapter(str(trained_run), str(tmp_path / "m"), base="original", dtype_name="bfloat16", prompts=PROMPTS, say=lambda *_: None)
     config = json.loads((tmp_path / "m" / "config.json").read_text())
@@ -146,7 +172,7 @@ def _other_model(tmp_path: Path, tiny_model_dir: Path) -> Path:
     ("case", "pattern"),
     [
         ("missing adapter", r"adapter not found: '.*nothing-here' does not exist"),
-        ("not an adapter", r"is neither a lora_causal run directory nor an adapter folder"),
+        ("not an adapter", r"is neither a lora_causal run directory .* nor an adapter folder"),
         ("adapter for another base", r"does not fit base model '.*other-model'.*pass the base it was trained on"),
         ("existing output", r"output folder '.*taken' exists and is not empty; choose another --out or pass --force"),
         ("unknown dtype", r"argument --dtype: invalid choice: 'float8'"),
