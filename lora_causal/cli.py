@@ -135,13 +135,13 @@ def _validate(recipe_path: str, overrides: Sequence[str]) -> None:
     from lora_causal.trainer import describe_configs
 
     recipe = load_recipe(recipe_path, overrides)
-    config = check_before_loading(recipe)
+    model_config = check_before_loading(recipe)
     configs = describe_configs(recipe)
     print(recipe.to_yaml(), end="")
     print("# built without loading weights:")
-    for name, config in configs.items():
-        print(f"# {name}: {json.dumps(config, default=str)}")
-    print(f"# {plan_for_recipe(recipe, config=config).line()}")
+    for name, built in configs.items():
+        print(f"# {name}: {json.dumps(built, default=str)}")
+    print(f"# {plan_for_recipe(recipe, config=model_config).line()}")
     print(f"# recipe is valid (fingerprint {recipe.fingerprint()})")
 
 

@@ -143,7 +143,7 @@ def test_show_refuses_what_is_not_a_readable_run(case: str, finished, tmp_path: 
     code = call_cli(["show", str(target)])
     captured = capsys.readouterr()
     expected = {
-        "missing": "is not a folder", "file": "is not a folder", "not-a-run": r"not a lora_causal run folder \(no manifest",
+        "missing": "is not a folder", "file": "is not a folder", "not-a-run": r"not a lora_causal run folder \(no \.lora_causal_run\.json",
         "no-metrics": "no metrics.jsonl yet", "corrupt-metrics": "metrics.jsonl line 2: not valid JSON",
         "empty-metrics": "no step logged yet",
     }[case]

@@ -83,7 +83,7 @@ def test_run_directory_holds_adapter_recipe_manifest_and_metrics(tmp_path: Path,
     result = run_training(recipe, say=lambda *_: None)
     run = result.run_dir
     assert sorted(p.name for p in run.iterdir()) == [
-        "adapter", "checkpoints", "data_report.json", "loss.png", "manifest.json", "metrics.jsonl", "recipe.yaml",
+        ".lora_causal_run.json", "adapter", "checkpoints", "data_report.json", "loss.png", "manifest.json", "metrics.jsonl", "recipe.yaml",
         "samples.json",
     ]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
