@@ -306,8 +306,20 @@ def _say_once(text: str) -> None:
         sys.stderr.write(text)
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Arguments; `key=value` overrides may also come after options (`inspect RECIPE --n 1 data.max_length=64`)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        takes_overrides = hasattr(args, "overrides")
+        if not takes_overrides or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     _quiet_libraries()
     try:
         if args.command == "validate":

@@ -180,3 +180,16 @@ def test_real_process_data_error_leaves_nothing(tmp_path: Path, tiny_model_dir: 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "line 1: no 'completion' field" in lines[0], result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_overrides_may_follow_options(tmp_path: Path, tiny_model_dir: Path, capfd) -> None:
+    from lora_causal.cli import _parse
+
+    args = _parse(["inspect", "r.yaml", "train.seed=1", "--n", "1", "data.max_length=64"])
+    assert (args.n, args.overrides) == (1, ["train.seed=1", "data.max_length=64"])
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        _parse(["inspect", "r.yaml", "--n", "1", "--bogus"])
+    assert stopped.value.code == 2 and "unrecognized arguments: --bogus" in capfd.readouterr().err
+    with pytest.raises(SystemExit):
+        _parse(["show", "run", "x=1"])  # show takes no overrides
