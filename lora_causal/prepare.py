@@ -123,15 +123,10 @@ def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    from importlib import metadata
+    """The versions that change tokens, part of every cache key."""
+    from lora_causal.rundir import package_versions
 
-    versions = {}
-    for name in VERSIONED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "absent"
-    return versions
+    return package_versions(VERSIONED, missing="absent")
 
 
 def entry_key(source_identity: dict[str, Any], settings: DataSource | EvalSection, fmt: str, data: DataSection,

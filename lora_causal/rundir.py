@@ -108,12 +108,19 @@ def write_dir_atomic(target: Path, write: Callable[[Path], None]) -> None:
 
 
 def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version(), "lora_causal": __version__}
-    for name in TRACKED_PACKAGES:
+    """Python, lora_causal and the training stack's versions, for manifests and benchmark reports."""
+    return {"python": platform.python_version(), "lora_causal": __version__,
+            **package_versions(TRACKED_PACKAGES, missing="not installed")}
+
+
+def package_versions(names: tuple[str, ...], missing: str) -> dict[str, str]:
+    """Installed versions of `names` (`missing` for a package that is not installed)."""
+    versions = {}
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
+            versions[name] = missing
     return versions
 
 
