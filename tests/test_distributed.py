@@ -306,10 +306,12 @@ def test_a_preparation_longer_than_the_collective_timeout_still_trains(tmp_path:
     tokenizer.chat_template = SLOW_CHATML
     tokenizer.save_pretrained(tokenizer_dir)
     chats = [{"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]}
-             for row in QA_ROWS * 3]
+             for row in QA_ROWS * 5]
+    # 15 s: short beside the preparation, long enough that processes started a few seconds apart on a busy
+    # machine still meet at the collectives that do exist (the recipe check, training)
     tree = base_recipe(tiny_model_dir, write_jsonl(tmp_path / "chats.jsonl", chats), tmp_path / "run",
                        model={"tokenizer": str(tokenizer_dir)},
-                       train={"max_steps": 2, "micro_batch_size": 2, "collective_timeout_s": 10})
+                       train={"max_steps": 2, "micro_batch_size": 2, "collective_timeout_s": 15})
     tree["data"]["train"]["format"] = "messages"
     tree["data"]["cache_dir"] = str(tmp_path / "cache")
     recipe = write_recipe(tmp_path / "recipe.yaml", tree)
@@ -320,7 +322,7 @@ def test_a_preparation_longer_than_the_collective_timeout_still_trains(tmp_path:
     out, err = _finish(process, log)
     elapsed = time.monotonic() - start
     assert process.returncode == 0, err[-3000:]
-    assert elapsed > 3 * 10, f"the preparation took {elapsed:.0f} s in all, not long enough to test the timeout"
+    assert elapsed > 3 * 15, f"the preparation took {elapsed:.0f} s in all, not long enough to test the timeout"
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["processes"] == 2
     shutil.rmtree(tmp_path / "cache")
