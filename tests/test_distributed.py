@@ -287,8 +287,8 @@ def test_an_fsdp_config_on_a_cpu_machine_is_refused_before_anything_is_written(t
     assert not (tmp_path / "run").exists()
 
 
-SLOW_CHATML = (  # a chat template that idles ~0.5 s per render: a preparation far longer than the timeout below
-    "{% for i in range(100000) %}{% for j in range(30) %}{% endfor %}{% endfor %}"
+SLOW_CHATML = (  # a chat template that idles ~1 s per render: a preparation far longer than the timeout below
+    "{% for i in range(100000) %}{% for j in range(60) %}{% endfor %}{% endfor %}"
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -306,12 +306,12 @@ def test_a_preparation_longer_than_the_collective_timeout_still_trains(tmp_path:
     tokenizer.chat_template = SLOW_CHATML
     tokenizer.save_pretrained(tokenizer_dir)
     chats = [{"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]}
-             for row in QA_ROWS * 5]
-    # 15 s: short beside the preparation, long enough that processes started a few seconds apart on a busy
-    # machine still meet at the collectives that do exist (the recipe check, training)
+             for row in QA_ROWS * 8]
+    # 8 s: short beside the preparation (about 1 s per chat render here), long enough for the collectives that do
+    # exist (the recipe check, training) between processes started a moment apart
     tree = base_recipe(tiny_model_dir, write_jsonl(tmp_path / "chats.jsonl", chats), tmp_path / "run",
                        model={"tokenizer": str(tokenizer_dir)},
-                       train={"max_steps": 2, "micro_batch_size": 2, "collective_timeout_s": 15})
+                       train={"max_steps": 2, "micro_batch_size": 2, "collective_timeout_s": 8})
     tree["data"]["train"]["format"] = "messages"
     tree["data"]["cache_dir"] = str(tmp_path / "cache")
     recipe = write_recipe(tmp_path / "recipe.yaml", tree)
@@ -322,7 +322,7 @@ def test_a_preparation_longer_than_the_collective_timeout_still_trains(tmp_path:
     out, err = _finish(process, log)
     elapsed = time.monotonic() - start
     assert process.returncode == 0, err[-3000:]
-    assert elapsed > 3 * 15, f"the preparation took {elapsed:.0f} s in all, not long enough to test the timeout"
+    assert elapsed > 2 * 8, f"the preparation took {elapsed:.0f} s in all, not long enough to test the timeout"
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["status"] == "completed" and manifest["processes"] == 2
     shutil.rmtree(tmp_path / "cache")
