@@ -66,8 +66,10 @@ def run_training(recipe: Recipe, say: Say = print, require_resume: bool = False)
         say = _silent  # one process speaks for all
     try:
         check_same_recipe(recipe.fingerprint())
-        check_before_loading(recipe)  # everything knowable before weights load or a folder exists
-        context, data = _prepare(recipe, state, say, require_resume)
+        if recipe.model.trust_remote_code:  # said before any of that code can run (reading the config may)
+            say(f"model.trust_remote_code is true: Python code shipped with '{recipe.model.name_or_path}' will run here")
+        config = check_before_loading(recipe)  # everything knowable before weights load or a folder exists
+        context, data = _prepare(recipe, config, state, say, require_resume)
         try:
             result = _train(context, data)
         except Exception as exc:  # a full disk: OSError, or safetensors' own error type
@@ -93,20 +95,16 @@ def _silent(*args: Any, **kwargs: Any) -> None:
     """Non-main processes say nothing."""
 
 
-def _prepare(recipe: Recipe, state: Any, say: Say, require_resume: bool) -> tuple[RunContext, Any]:
-    """Everything that can refuse the run, then the data: nothing is written to the run folder yet."""
-    from lora_causal.batching import apply_plan, model_config, plan_for_recipe
+def _prepare(recipe: Recipe, config: Any, state: Any, say: Say, require_resume: bool) -> tuple[RunContext, Any]:
+    """The run folder decided, the batching planned from the model's `config`, then the data: nothing is written
+    to the run folder yet."""
+    from lora_causal.batching import apply_plan, plan_for_recipe
     from lora_causal.checks import enforce, run_checks
     from lora_causal.data import render_prompt_ids
     from lora_causal.model import load_tokenizer
-    from lora_causal.preflight import check_max_length
     from lora_causal.prepare import prepare_shared
     from lora_causal.rundir import RunDirectory
-    from lora_causal.trackers import check_trackers_installed
 
-    check_trackers_installed(recipe.output.report_to)
-    if recipe.model.trust_remote_code:  # said before any of that code can run
-        say(f"model.trust_remote_code is true: Python code shipped with '{recipe.model.name_or_path}' will run here")
     # where the run goes is decided (without writing) before the data is read, so a refusal comes at once
     run_dir = RunDirectory.plan(recipe.output.dir, recipe.fingerprint(), recipe.output.overwrite)
     if require_resume and run_dir.resume_from is None:
@@ -115,8 +113,6 @@ def _prepare(recipe: Recipe, state: Any, say: Say, require_resume: bool) -> tupl
             "run without --resume to start one"
         )
     tokenizer = load_tokenizer(recipe.model)
-    config = model_config(recipe)
-    check_max_length(recipe, config)
     plan = plan_for_recipe(recipe, config=config)
     say(plan.line())
 
