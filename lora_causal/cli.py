@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from lora_causal import __version__
-from lora_causal.errors import DISK_ERRNOS, ReportedElsewhere, RunInterrupted, UserError, disk_errno
+from lora_causal.core.errors import DISK_ERRNOS, ReportedElsewhere, RunInterrupted, UserError, disk_errno
 
 EXIT_USER_ERROR = 2
 
@@ -100,8 +100,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cache_clear(folder: str | None) -> None:
 
-    from lora_causal.paths import check_can_create, expand
-    from lora_causal.prepare import clear_cache, default_cache_dir
+    from lora_causal.core.paths import check_can_create, expand
+    from lora_causal.data.cache import clear_cache, default_cache_dir
 
     if folder is not None and not folder.strip():
         raise UserError("--dir: give the cache folder, or leave --dir out for the default one")
@@ -129,34 +129,33 @@ def _quiet_libraries() -> None:
 def _validate(recipe_path: str, overrides: Sequence[str]) -> None:
     import json
 
-    from lora_causal.batching import plan_for_recipe
-    from lora_causal.config import load_recipe
-    from lora_causal.preflight import check_before_loading
-    from lora_causal.trainer import describe_configs
+    from lora_causal.core.recipe_file import load_recipe
+    from lora_causal.training.preflight import plan_run
+    from lora_causal.training.trainer import describe_configs
 
     recipe = load_recipe(recipe_path, overrides)
-    model_config = check_before_loading(recipe)
+    plan = plan_run(recipe)
     configs = describe_configs(recipe)
     print(recipe.to_yaml(), end="")
     print("# built without loading weights:")
     for name, built in configs.items():
         print(f"# {name}: {json.dumps(built, default=str)}")
-    print(f"# {plan_for_recipe(recipe, config=model_config).line()}")
+    print(f"# {plan.batching.line()}")
     print(f"# recipe is valid (fingerprint {recipe.fingerprint()})")
 
 
 def _train(recipe_path: str, overrides: Sequence[str], resume: bool = False, overwrite: bool = False) -> None:
     from rich.console import Console
 
-    from lora_causal.config import load_recipe
-    from lora_causal.train import run_training
+    from lora_causal.core.recipe_file import load_recipe
+    from lora_causal.training.run import run_training
 
     console = Console(highlight=False, soft_wrap=True)
     recipe = load_recipe(recipe_path, [*overrides, *(["output.overwrite=true"] if overwrite else [])])
     result = run_training(recipe, say=console.print, require_resume=resume)
     if not result.is_main_process:
         return
-    from lora_causal.summary import LOSS_PLOT, print_summary, read_run, summarize
+    from lora_causal.training.summary import LOSS_PLOT, print_summary, read_run, summarize
 
     print_summary(console, summarize(*read_run(result.run_dir)), result.run_dir, result.run_dir / LOSS_PLOT)
     if result.samples:
@@ -170,7 +169,7 @@ def _train(recipe_path: str, overrides: Sequence[str], resume: bool = False, ove
         console.print(table)
     console.print(f"adapter saved to {result.run_dir / 'adapter'}")
     if result.merge_report is not None:
-        from lora_causal.merge import format_report
+        from lora_causal.serving.merging import format_report
 
         console.print(format_report(result.merge_report))
         console.print(f"merged model saved to {result.merge_report['out']}")
@@ -179,8 +178,8 @@ def _train(recipe_path: str, overrides: Sequence[str], resume: bool = False, ove
 def _show(run_dir: str) -> None:
     from rich.console import Console
 
-    from lora_causal.paths import expand
-    from lora_causal.summary import show_run
+    from lora_causal.core.paths import expand
+    from lora_causal.training.summary import show_run
 
     show_run(expand(run_dir, "RUN_DIR"), Console(highlight=False, soft_wrap=True))
 
@@ -190,11 +189,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from lora_causal.checks import enforce
-    from lora_causal.config import load_recipe
-    from lora_causal.inspection import inspect_recipe
-
-    from lora_causal.paths import check_can_create, expand
+    from lora_causal.commands.inspection import inspect_recipe
+    from lora_causal.core.paths import check_can_create, expand
+    from lora_causal.core.recipe_file import load_recipe
+    from lora_causal.data.checks import enforce
 
     if args.n < 1:
         raise UserError("--n must be at least 1")
@@ -217,13 +215,14 @@ def _inspect(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from lora_causal.bench import ARMS, markdown_table, run_bench, run_max_context
+    from lora_causal.commands.bench import markdown_table, run_bench, run_max_context
+    from lora_causal.commands.bench_arms import ARMS
 
     arms = tuple(arm.strip() for arm in args.arms.split(",") if arm.strip())
     unknown = [arm for arm in arms if arm not in ARMS]
     if unknown or not arms:
         raise UserError(f"--arms: unknown arm {unknown[0] if unknown else '(none)'}; choose from {', '.join(ARMS)}")
-    from lora_causal.paths import check_can_create, expand
+    from lora_causal.core.paths import check_can_create, expand
 
     for name in ("micro_batch", "grad_accum", "steps", "median", "max_length"):
         if getattr(args, name) < 1:
@@ -262,7 +261,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from lora_causal.merge import format_report, merge_adapter
+    from lora_causal.serving.merging import format_report, merge_adapter
 
     if args.num_prompts < 1:
         raise UserError("--num-prompts must be at least 1")
@@ -279,7 +278,7 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from lora_causal.generation import generate_text
+    from lora_causal.commands.generate import generate_text
 
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
@@ -292,7 +291,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _check_seed(seed: int) -> None:
-    from lora_causal.config import MAX_SEED
+    from lora_causal.core.recipe import MAX_SEED
 
     if not 0 <= seed <= MAX_SEED:
         raise UserError(f"--seed must be between 0 and {MAX_SEED} (the seeds numpy accepts), not {seed}")
@@ -300,7 +299,7 @@ def _check_seed(seed: int) -> None:
 
 def _say_once(text: str) -> None:
     """Under accelerate launch every process meets the same error: the main one says it, all exit alike."""
-    from lora_causal.processes import speaks
+    from lora_causal.core.processes import speaks
 
     if speaks():
         sys.stderr.write(text)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import lora_causal.attention as attention
-from lora_causal.collator import CausalLMCollator
-from lora_causal.config import ModelSection, QuantizationSection
-from lora_causal.model import load_base_model
 from test_packing import _alone, _packed
+
+import lora_causal.model.attention as attention
+from lora_causal.core.recipe import ModelSection, QuantizationSection
+from lora_causal.data.collator import CausalLMCollator
+from lora_causal.model.loading import load_base_model
 
 TOLERANCE = 1e-4
 SEQUENCES = [[1, 53, 30, 77, 41, 12, 9, 33, 2], [1, 99, 12, 2], [1, 45, 46, 47, 48, 49, 50, 51, 52, 60, 61, 2]]

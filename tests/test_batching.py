@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import QA_ROWS, base_recipe, run_cli, write_jsonl, write_recipe
-from lora_causal.batching import AttentionNeeds, DeviceInfo, plan_batching, plan_for_recipe
+
+from lora_causal.model.batching import AttentionNeeds, DeviceInfo, plan_batching
+from lora_causal.training.plan import resolve_plan
 
 H100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0))
 T4 = DeviceInfo("cuda", "Tesla T4", (7, 5))
@@ -88,11 +89,11 @@ def test_needs_are_read_from_real_configs() -> None:
 
 
 def test_validate_says_which_batching(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from lora_causal.config import load_recipe
+    from lora_causal.core.recipe_file import load_recipe
 
     data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS * 2)
     recipe_path = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model_dir, data, tmp_path / "run"))
-    assert plan_for_recipe(load_recipe(recipe_path), device=CPU).padding_free is True
+    assert resolve_plan(load_recipe(recipe_path), device=CPU).batching.padding_free is True
     result = run_cli("validate", str(recipe_path))
     assert result.returncode == 0, result.stderr
     assert "# batching: padding-free rows, attention: varlen, exact per-sequence (on the CPU" in result.stdout

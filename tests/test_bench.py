@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_one_line_error, call_cli
-from lora_causal.bench import flops_per_token, run_bench, run_max_context, synthetic_lengths
-from lora_causal.data import padding_fraction
+
+from lora_causal.commands.bench import flops_per_token, run_bench, run_max_context
+from lora_causal.commands.bench_arms import synthetic_lengths
+from lora_causal.data.dataset import padding_fraction
 
 
 def test_synthetic_lengths_are_seeded_clipped_and_centred() -> None:
@@ -25,7 +26,7 @@ def test_padding_fraction_by_hand() -> None:
 
 
 def test_flops_per_token_for_8b_counts_attention_forward_and_backward(tmp_path: Path) -> None:
-    from lora_causal.shapes import parameter_counts, write_shape_config
+    from lora_causal.model.shapes import parameter_counts, write_shape_config
 
     counts = parameter_counts(write_shape_config("llama-3.1-8b", tmp_path))
     assert 7.4e9 < counts["matmul"] < 7.6e9
@@ -35,7 +36,7 @@ def test_flops_per_token_for_8b_counts_attention_forward_and_backward(tmp_path: 
 
 
 def test_peak_flops_tell_sxm_from_pcie() -> None:
-    from lora_causal.bench import peak_tflops
+    from lora_causal.commands.bench import peak_tflops
 
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0

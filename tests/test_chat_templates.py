@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lora_causal.config import DataSource
-from lora_causal.errors import UserError
-from lora_causal.tokenizing import RowTokenizer
+from lora_causal.core.errors import UserError
+from lora_causal.core.recipe import DataSource
+from lora_causal.data.tokenizing import RowTokenizer
 
 TEMPLATES = Path(__import__("trl").__file__).parent / "chat_templates"
 LLAMA3 = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"]

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-
 from conftest import QA_ROWS, base_recipe, run_cli, write_jsonl, write_recipe
+
 from lora_causal.cli import main
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import QA_ROWS, REPO, base_recipe, run_cli, write_jsonl, write_recipe
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ import doctest
 import pytest
 import torch
 
-import lora_causal.collator as collator_module
-from lora_causal.collator import CausalLMCollator
+import lora_causal.data.collator as collator_module
+from lora_causal.data.collator import CausalLMCollator
 
 PAD = 0
 EOS = 2

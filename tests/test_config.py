@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, write_recipe
-from lora_causal.config import load_recipe
-from lora_causal.errors import UserError
+
+from lora_causal.core.errors import UserError
+from lora_causal.core.recipe_file import load_recipe
 
 MINIMAL = """\
 recipe_version: 1
@@ -112,8 +112,8 @@ def test_every_shipped_recipe_validates_and_builds_its_configs(recipe_file: Path
     from transformers import BitsAndBytesConfig
     from trl import SFTConfig
 
-    from lora_causal.model import build_lora_config, build_quantization_config, resolve_compute_dtype
-    from lora_causal.trainer import build_sft_config
+    from lora_causal.model.loading import build_lora_config, build_quantization_config, resolve_compute_dtype
+    from lora_causal.training.trainer import build_sft_config
 
     recipe = load_recipe(recipe_file)
     quantization = build_quantization_config(recipe.quantization, resolve_compute_dtype(recipe.quantization.compute_dtype))

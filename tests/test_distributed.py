@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import QA_ROWS, REPO, base_recipe, run_cli, write_jsonl, write_recipe
 
 ACCELERATE_CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
@@ -140,7 +139,7 @@ def test_accelerate_configs_launch_what_lora_causal_expects(config: Path, monkey
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
 
-    from lora_causal.processes import launcher_engine
+    from lora_causal.core.processes import launcher_engine
 
     loaded = load_config_from_file(str(config))
     if "zero3" in config.name:  # accelerate exports the stage from deepspeed_config.zero_stage; sharded_training reads it
@@ -165,8 +164,8 @@ def test_accelerate_configs_launch_what_lora_causal_expects(config: Path, monkey
 
 
 def test_sharded_training_stores_4bit_weights_in_the_compute_dtype() -> None:
-    from lora_causal.config import QuantizationSection
-    from lora_causal.model import build_quantization_config, device_map_for_process
+    from lora_causal.core.recipe import QuantizationSection
+    from lora_causal.model.loading import build_quantization_config, device_map_for_process
 
     plain = build_quantization_config(QuantizationSection(), torch.bfloat16, sharded=False)
     assert plain.bnb_4bit_quant_storage == torch.uint8 and device_map_for_process(sharded=False) == {"": "cpu"}
@@ -176,7 +175,7 @@ def test_sharded_training_stores_4bit_weights_in_the_compute_dtype() -> None:
 
 def test_fsdp_asked_of_a_cpu_run_is_not_sharded(monkeypatch) -> None:
     """accelerate runs FSDP configs on the CPU as plain DDP; the topology comes from its state, not the environment."""
-    from lora_causal.processes import process_state, sharded_training
+    from lora_causal.core.processes import process_state, sharded_training
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     process_state()
@@ -257,10 +256,10 @@ def test_fsdp2_gathers_the_adapter_alone(tmp_path: Path) -> None:
 
 
 def test_sharded_runs_refuse_what_cannot_be_sharded_and_pick_the_adapter_dtype(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from lora_causal.config import load_recipe
-    from lora_causal.errors import UserError
-    from lora_causal.model import adapter_dtype_name
-    from lora_causal.preflight import check_sharding
+    from lora_causal.core.errors import UserError
+    from lora_causal.core.recipe_file import load_recipe
+    from lora_causal.model.loading import adapter_dtype_name
+    from lora_causal.training.preflight import check_sharding
 
     data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
     path = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model_dir, data, tmp_path / "run"))

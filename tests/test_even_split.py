@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import QA_ROWS, base_recipe, write_jsonl, write_recipe
-from lora_causal.collator import CausalLMCollator
-from lora_causal.even_split import fillers_needed, top_up
+
+from lora_causal.data.collator import CausalLMCollator
+from lora_causal.data.even_split import fillers_needed, top_up
 
 
 def test_top_up_adds_fillers_only_to_complete_the_last_step() -> None:
@@ -42,7 +42,7 @@ def test_fillers_have_no_target_in_every_collator_mode() -> None:
 
 
 def test_the_token_meter_leaves_fillers_out() -> None:
-    from lora_causal.metrics import TokenMeter
+    from lora_causal.training.metrics import TokenMeter
 
     features = [{"input_ids": [5, 6, 7]}, {"input_ids": [0], "filler": True}]
     for padding_free in (False, True):
@@ -54,7 +54,7 @@ def test_the_token_meter_leaves_fillers_out() -> None:
 def test_fillers_in_token_budget_packs() -> None:
     from datasets import Dataset
 
-    from lora_causal.packing import PackCollator, pack_examples
+    from lora_causal.data.packing import PackCollator, pack_examples
 
     packs = pack_examples([{"input_ids": [5, 6, 7], "prompt_length": 1}, {"input_ids": [8, 9], "prompt_length": 0}] * 3, 5)
     dataset = top_up(Dataset.from_list(packs), 4, pad_token_id=0)
@@ -64,10 +64,10 @@ def test_fillers_in_token_budget_packs() -> None:
 
 
 def _trainer(tmp_path: Path, model_dir: Path, rows: list[dict], padding_free: bool, micro_batch: int):
-    from lora_causal.config import load_recipe
-    from lora_causal.data import prepare_data
-    from lora_causal.model import attach_lora, load_base_model, load_tokenizer
-    from lora_causal.trainer import build_sft_config, build_trainer
+    from lora_causal.core.recipe_file import load_recipe
+    from lora_causal.data.prepare import prepare_data
+    from lora_causal.model.loading import attach_lora, load_base_model, load_tokenizer
+    from lora_causal.training.trainer import build_sft_config, build_trainer
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = write_jsonl(tmp_path / "rows.jsonl", rows)

@@ -7,23 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import QA_ROWS, base_recipe, write_jsonl, write_recipe
 
 pytestmark = pytest.mark.gpu
 
 
 def test_auto_compute_dtype_is_bf16_on_recent_gpus() -> None:
-    from lora_causal.model import resolve_compute_dtype
+    from lora_causal.model.loading import resolve_compute_dtype
 
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     assert resolve_compute_dtype("auto") == expected
 
 
 def test_training_on_the_gpu_changes_lora_weights_and_merges(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from lora_causal.config import load_recipe
-    from lora_causal.merge import merge_adapter
-    from lora_causal.train import run_training
+    from lora_causal.core.recipe_file import load_recipe
+    from lora_causal.serving.merging import merge_adapter
+    from lora_causal.training.run import run_training
 
     data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS * 4)
     tree = base_recipe(tiny_model_dir, data, tmp_path / "run", train={"max_steps": 8, "learning_rate": 5.0e-3})
@@ -38,13 +37,13 @@ def test_training_on_the_gpu_changes_lora_weights_and_merges(tmp_path: Path, tin
 
 def test_flash_varlen_kernel_is_exact_for_gqa_and_windows(tmp_path: Path, monkeypatch) -> None:
     """The real kernel (bf16, CUDA): packed sequences get the logits they get alone through sdpa."""
+    from test_attention import COMMON, CONFIGS, SEQUENCES
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import lora_causal.attention as attention
-    from lora_causal.collator import CausalLMCollator
-    from lora_causal.config import ModelSection, QuantizationSection
-    from lora_causal.model import load_base_model
-    from test_attention import COMMON, CONFIGS, SEQUENCES
+    import lora_causal.model.attention as attention
+    from lora_causal.core.recipe import ModelSection, QuantizationSection
+    from lora_causal.data.collator import CausalLMCollator
+    from lora_causal.model.loading import load_base_model
 
     calls: list[dict] = []
     real_kernel = attention.call_kernel
@@ -74,7 +73,7 @@ def test_flash_varlen_kernel_is_exact_for_gqa_and_windows(tmp_path: Path, monkey
 
 
 def test_token_meter_adds_without_host_synchronisation() -> None:
-    from lora_causal.metrics import TokenMeter
+    from lora_causal.training.metrics import TokenMeter
 
     meter = TokenMeter()
     labels = torch.tensor([[-100, 5, 6, -100]], device="cuda")
@@ -90,11 +89,11 @@ def test_token_meter_adds_without_host_synchronisation() -> None:
 
 
 def test_default_batching_on_this_gpu_is_padding_free_varlen(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from lora_causal.batching import plan_for_recipe
-    from lora_causal.config import load_recipe
+    from lora_causal.core.recipe_file import load_recipe
+    from lora_causal.training.plan import resolve_plan
 
     data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model_dir, data, tmp_path / "run")))
-    chosen = plan_for_recipe(recipe)
+    chosen = resolve_plan(recipe).batching
     capable = torch.cuda.get_device_capability(0) >= (8, 0)
     assert chosen.padding_free is capable and (chosen.attn_implementation == "varlen") is capable, chosen.line()

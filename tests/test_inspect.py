@@ -6,16 +6,16 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import QA_ROWS, base_recipe, write_jsonl, write_recipe
-from lora_causal.checks import run_checks
+
 from lora_causal.cli import main
-from lora_causal.collator import CausalLMCollator
-from lora_causal.config import load_recipe
-from lora_causal.data import prepare_data
-from lora_causal.errors import UserError
-from lora_causal.model import load_tokenizer
-from lora_causal.train import run_training
+from lora_causal.core.errors import UserError
+from lora_causal.core.recipe_file import load_recipe
+from lora_causal.data.checks import run_checks
+from lora_causal.data.collator import CausalLMCollator
+from lora_causal.data.prepare import prepare_data
+from lora_causal.model.loading import load_tokenizer
+from lora_causal.training.run import run_training
 
 CHAT = [
     {"messages": [

@@ -9,13 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import QA_ROWS, base_recipe, write_jsonl, write_recipe
+
 from lora_causal.cli import main
-from lora_causal.config import load_recipe
-from lora_causal.merge import compare, locate_adapter, logits_for, merge_adapter, with_adapter
-from lora_causal.model import load_base_model
-from lora_causal.train import run_training
+from lora_causal.core.recipe_file import load_recipe
+from lora_causal.model.loading import load_base_model
+from lora_causal.serving.adapters import locate_adapter, with_adapter
+from lora_causal.serving.fidelity import compare, logits_for
+from lora_causal.serving.merging import merge_adapter
+from lora_causal.training.run import run_training
 
 PROMPTS = ["Q: What color is the sky?\nA: blue.", "Q: What do cows drink?\nA: water."]
 
@@ -44,7 +46,7 @@ def _merged_logits(folder: Path, prompts: list[list[int]]) -> list[torch.Tensor]
 
 
 def _reference_logits(run: Path, prompts: list[list[int]], quantized: bool) -> list[torch.Tensor]:
-    from lora_causal.merge import load_dense_base
+    from lora_causal.serving.merging import load_dense_base
 
     source = locate_adapter(str(run))
     base = load_base_model(source.model, source.quantization, source.seed) if quantized else load_dense_base(source, torch.float32)
@@ -62,7 +64,7 @@ def test_original_merge_in_float32_reproduces_base_plus_adapter(trained_run: Pat
 
 
 def _merged_logits_of_base(run: Path, prompts: list[list[int]]) -> list[torch.Tensor]:
-    from lora_causal.merge import load_dense_base
+    from lora_causal.serving.merging import load_dense_base
 
     return logits_for(load_dense_base(locate_adapter(str(run)), torch.float32), prompts)
 

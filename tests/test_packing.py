@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_causal.collator import CausalLMCollator
-from lora_causal.config import ModelSection, QuantizationSection
-from lora_causal.model import load_base_model
+from lora_causal.core.recipe import ModelSection, QuantizationSection
+from lora_causal.data.collator import CausalLMCollator
+from lora_causal.model.loading import load_base_model
 
 TOLERANCE = 1e-4
 SEQUENCES = [[1, 53, 30, 77, 41, 2], [1, 99, 12, 2], [1, 45, 46, 47, 48, 49, 50, 2]]
@@ -42,7 +42,7 @@ def _packed(model, sequences: list[list[int]]) -> list[torch.Tensor]:
 
 
 def test_each_packed_sequence_has_its_logits_alone(model, monkeypatch) -> None:
-    import lora_causal.attention as attention
+    import lora_causal.model.attention as attention
 
     calls = []
     real = attention.exact_packed_attention
@@ -89,8 +89,8 @@ def test_varlen_model_still_generates_and_runs_padded_batches(tiny_model_dir: Pa
 
 
 def test_varlen_needs_padding_free(tmp_path: Path) -> None:
-    from lora_causal.config import load_recipe
-    from lora_causal.errors import UserError
+    from lora_causal.core.errors import UserError
+    from lora_causal.core.recipe_file import load_recipe
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("recipe_version: 1\nmodel: {name_or_path: ./m, attn_implementation: varlen}\n"

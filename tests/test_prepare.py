@@ -11,14 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, write_jsonl
-from lora_causal.checks import run_checks
-from lora_causal.config import ChecksSection, DataSection
-from lora_causal.data import model_columns
-from lora_causal.errors import UserError
-from lora_causal.prepare import Entry, clear_cache, prepare_data, sample_examples
-from lora_causal.tokenizing import RowTokenizer
+
+from lora_causal.core.errors import UserError
+from lora_causal.core.recipe import ChecksSection, DataSection
+from lora_causal.data.cache import Entry, clear_cache
+from lora_causal.data.checks import run_checks
+from lora_causal.data.dataset import model_columns
+from lora_causal.data.prepare import prepare_data, sample_examples
+from lora_causal.data.tokenizing import RowTokenizer
 
 ROWS = [
     {"prompt": f"Q: What is {a} plus {b}?\nA:", "completion": f" {a + b}.", "text": f"the dog likes {a} foods",
@@ -94,9 +95,9 @@ def test_each_key_component_misses_the_cache(tmp_path: Path, tiny_tokenizer, cha
     elif change == "mask_prompt":
         data = base.model_copy(update={"mask_prompt": False})
     else:
-        from lora_causal import prepare
+        from lora_causal.data import cache
 
-        monkeypatch.setattr(prepare, "library_versions", lambda: {"transformers": "0.0.0-other"})
+        monkeypatch.setattr(cache, "library_versions", lambda: {"transformers": "0.0.0-other"})
     before = _entries(cache)
     prepare_data(data, tokenizer, 0)
     assert len(_entries(cache) - before) == 1, f"changing {change} must prepare a new entry"
@@ -114,9 +115,9 @@ def test_num_proc_and_seed_are_not_part_of_the_key(tmp_path: Path, tiny_tokenize
 
 
 def test_parallel_processes_give_the_same_examples_and_the_first_error(tmp_path: Path, tiny_tokenizer, monkeypatch) -> None:
-    from lora_causal import prepare
+    from lora_causal.data import shards
 
-    monkeypatch.setattr(prepare, "SHARD_ROWS", 100)  # several shards from a small file
+    monkeypatch.setattr(shards, "SHARD_ROWS", 100)  # several shards from a small file
     rows = ROWS * 40
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     one = prepare_data(_data(path, tmp_path / "one", num_proc=1), tiny_tokenizer, 0)
@@ -154,8 +155,8 @@ def _preparer(data_path: Path, cache: Path, tokenizer_dir: Path, num_proc: int =
     code = (
         "import sys, json\n"
         "from transformers import AutoTokenizer\n"
-        "from lora_causal.config import DataSection\n"
-        "from lora_causal.prepare import prepare_data\n"
+        "from lora_causal.core.recipe import DataSection\n"
+        "from lora_causal.data.prepare import prepare_data\n"
         f"data = DataSection.model_validate({{'train': {{'path': {str(data_path)!r}, 'format': 'prompt_completion'}},"
         f" 'max_length': 512, 'cache_dir': {str(cache)!r}, 'num_proc': {num_proc}}})\n"
         f"prepared = prepare_data(data, AutoTokenizer.from_pretrained({str(tokenizer_dir)!r}), 0)\n"
@@ -237,7 +238,7 @@ def test_merge_samples_without_tokenizing_everything(tmp_path: Path, tiny_tokeni
 
 
 def test_hub_settings_reach_load_dataset_and_errors_name_them(tmp_path: Path, tiny_tokenizer) -> None:
-    from lora_causal.sources import Source, hub_arguments
+    from lora_causal.data.sources import Source, hub_arguments
 
     settings = DataSection.model_validate({"train": {"path": "openai/gsm8k", "format": "prompt_completion",
                                                      "config": "main", "revision": "abc123",

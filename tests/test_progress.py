@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import QA_ROWS, REPO, assert_one_line_error, base_recipe, call_cli, run_cli, write_jsonl, write_recipe
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
@@ -152,7 +151,7 @@ def test_show_refuses_what_is_not_a_readable_run(case: str, finished, tmp_path: 
 
 
 def test_summary_of_a_resumed_run_sums_its_attempts() -> None:
-    from lora_causal.summary import summarize
+    from lora_causal.training.summary import summarize
 
     first = [
         {"step": 1, "loss": 6.0, "tokens": 100, "supervised_tokens": 10, "elapsed_s": 1.0, "peak_mem_gib": 0.5},
@@ -191,7 +190,7 @@ def test_tensorboard_event_files_hold_the_logged_scalars(finished) -> None:
 
 def test_a_tracker_that_is_not_installed_is_refused_before_anything_starts(tmp_path: Path, tiny_model_dir: Path,
                                                                             capsys) -> None:
-    from lora_causal.trackers import TRACKERS, tracker_installed
+    from lora_causal.training.trackers import TRACKERS, tracker_installed
 
     missing = next((name for name in TRACKERS if not tracker_installed(name)), None)
     if missing is None:
@@ -209,7 +208,7 @@ def test_the_live_display_routes_warnings_and_log_lines_above_itself(tmp_path: P
     from rich.console import Console
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from lora_causal.progress import TrainingDisplay
+    from lora_causal.training.progress import TrainingDisplay
 
     screen = io.StringIO()
     console = Console(file=screen, force_terminal=True, width=120, color_system=None)

@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from conftest import QA_ROWS, base_recipe, call_cli, write_jsonl, write_recipe
 
 MARKER = {"format": "lora_causal-run", "version": 1}

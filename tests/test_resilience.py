@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import QA_ROWS, REPO, base_recipe, run_cli, write_jsonl, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -148,8 +147,8 @@ def test_no_user_file_is_ever_unpickled() -> None:
 
 
 def test_trust_remote_code_is_off_by_default_and_announced_when_on(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from lora_causal.config import load_recipe
-    from lora_causal.train import run_training
+    from lora_causal.core.recipe_file import load_recipe
+    from lora_causal.training.run import run_training
 
     data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
     tree = base_recipe(tiny_model_dir, data, tmp_path / "run", train={"max_steps": 1})
@@ -161,7 +160,7 @@ def test_trust_remote_code_is_off_by_default_and_announced_when_on(tmp_path: Pat
 
 
 def test_a_failed_folder_write_leaves_no_staging_folder(tmp_path: Path) -> None:
-    from lora_causal.rundir import write_dir_atomic
+    from lora_causal.core.rundir import write_dir_atomic
 
     target = tmp_path / "adapter"
     target.mkdir()

@@ -7,13 +7,13 @@ import random
 from pathlib import Path
 
 import pytest
-
 from conftest import QA_ROWS, base_recipe, write_jsonl, write_recipe
-from lora_causal.config import load_recipe
-from lora_causal.errors import UserError
-from lora_causal.packing import PackCollator, best_fit_decreasing, pack_examples
-from lora_causal.collator import CausalLMCollator
-from lora_causal.train import run_training
+
+from lora_causal.core.errors import UserError
+from lora_causal.core.recipe_file import load_recipe
+from lora_causal.data.collator import CausalLMCollator
+from lora_causal.data.packing import PackCollator, best_fit_decreasing, pack_examples
+from lora_causal.training.run import run_training
 
 
 def test_best_fit_decreasing_by_hand() -> None:
@@ -52,8 +52,8 @@ def test_pack_collator_builds_one_padding_free_row_per_pack() -> None:
 def test_packs_of_indices_and_their_fillers() -> None:
     from datasets import Dataset
 
-    from lora_causal.even_split import top_up
-    from lora_causal.packing import pack_indices
+    from lora_causal.data.even_split import top_up
+    from lora_causal.data.packing import pack_indices
 
     examples = [{"input_ids": [1, 2, 3], "prompt_length": 1}, {"input_ids": [4, 5]}, {"input_ids": [6, 7, 8, 9]}]
     packs = top_up(Dataset.from_list(pack_indices([3, 2, 4], budget=6)), 3, pad_token_id=0)  # 2 packs + 1 filler

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from conftest import write_jsonl
-from lora_causal.collator import CausalLMCollator
-from lora_causal.config import DataSection
-from lora_causal.data import ALPACA_TEMPLATE_NO_INPUT, model_columns, prepare_data, split_examples
-from lora_causal.errors import UserError
+
+from lora_causal.core.errors import UserError
+from lora_causal.core.recipe import DataSection
+from lora_causal.data.collator import CausalLMCollator
+from lora_causal.data.dataset import ALPACA_TEMPLATE_NO_INPUT, model_columns, split_examples
+from lora_causal.data.prepare import prepare_data
 
 
 def _data(path: Path, fmt: str, **extra) -> DataSection:

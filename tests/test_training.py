@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import QA_ROWS, base_recipe, write_jsonl, write_recipe
-from lora_causal.config import Recipe, load_recipe
-from lora_causal.data import prepare_data
-from lora_causal.model import attach_lora, load_base_model, load_tokenizer
-from lora_causal.train import run_training
-from lora_causal.trainer import build_sft_config, build_trainer
+
+from lora_causal.core.recipe import Recipe
+from lora_causal.core.recipe_file import load_recipe
+from lora_causal.data.prepare import prepare_data
+from lora_causal.model.loading import attach_lora, load_base_model, load_tokenizer
+from lora_causal.training.run import run_training
+from lora_causal.training.trainer import build_sft_config, build_trainer
 
 
 def _recipe(tmp_path: Path, model_dir: Path, **sections) -> Recipe:
@@ -86,7 +87,7 @@ def test_run_directory_holds_adapter_recipe_manifest_and_metrics(tmp_path: Path,
         ".lora_causal_run.json", "adapter", "checkpoints", "data_report.json", "loss.png", "manifest.json",
         "metrics.jsonl", "recipe.yaml", "samples.json",
     ]
-    from lora_causal.rundir import RUN_ENTRIES  # everything the run wrote is something overwrite may remove
+    from lora_causal.core.rundir import RUN_ENTRIES  # everything the run wrote is something overwrite may remove
 
     assert {p.name for p in run.iterdir()} - {".lora_causal_run.json"} <= set(RUN_ENTRIES)
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
