@@ -147,3 +147,19 @@ def test_the_public_api_loads_lazily_and_names_real_objects():
         assert "not_a_name" in str(exc)
     else:
         raise AssertionError("an unknown name must raise AttributeError")
+
+
+def test_readme_module_map_names_every_module():
+    """README's module table lists each module of the package once, and only modules that exist."""
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme[readme.index("## How it works"):readme.index("**The collator's rules.**")]
+    listed: set[str] = set()
+    for row in section.splitlines():
+        if row.startswith("| `"):
+            listed.update(re.findall(r"`([a-z_/]+\.py)`", row.split(" | ")[0]))
+    modules = {path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")
+               if path.name != "__init__.py" or path.parent == PACKAGE}
+    assert sorted(modules - listed) == [], "modules missing from README's module map"
+    assert sorted(listed - modules) == [], "README's module map names modules that do not exist"
