@@ -3,7 +3,7 @@
 A causal LM learns to predict token k from tokens < k. Hugging Face models shift internally, so the
 labels here are a *copy* of `input_ids`, never pre-shifted; -100 marks positions that are not targets.
 
-Rules (a stable API: tests/test_collator.py checks each one with exact tensors):
+Rules (a stable API: tests/data/test_collator.py checks each one with exact tensors):
 1. `labels` mirror `input_ids` position by position for every real token.
 2. Padding positions get -100 by position, never by token id: when pad == eos the real EOS stays supervised.
 3. With `mask_prompt=True`, positions `t < prompt_length` get -100.

@@ -1,6 +1,6 @@
 """Hostile input across recipe, data, CLI and merge: exit 2, one clear line, no traceback, nothing half-written.
 
-(tests/test_cli_errors.py holds the first 30 cases: typos, types, missing files, malformed rows, ...)
+(tests/commands/test_cli_errors.py holds the first 30 cases: typos, types, missing files, malformed rows, ...)
 """
 
 from __future__ import annotations
