@@ -134,7 +134,7 @@ def test_a_half_written_checkpoint_is_skipped_on_resume(recipe_and_reference, tm
 
 def test_no_user_file_is_ever_unpickled() -> None:
     """Our code never calls pickle, and torch.load only with weights_only=True."""
-    for source in (REPO / "lora_causal").glob("*.py"):
+    for source in (REPO / "lora_causal").rglob("*.py"):
         tree = ast.parse(source.read_text())
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
