@@ -9,7 +9,13 @@ wherever they are exact for the model and fast on the device:
   fastest arm of the CPU benchmark);
 - otherwise (older GPUs, float32, softcapping models such as Gemma-2, attention dropout, models that take no
   custom attention function): padded batches with the model's own attention, the stock path.
-`train.padding_free: false` is the stock path on any device; explicit settings are always honoured.
+`train.padding_free: false` is the stock path on any device; explicit settings are honoured where they are exact.
+
+Before any of that, the architecture's classification (lora_causal.model.families, checked architecture by
+architecture by the conformance sweep) decides whether packed rows can be exact at all: an architecture routed
+to padded batches (state carried along the sequence, attention sinks, chunked attention, RoBERTa-style
+positions, layers that do not pass the boundaries, ...) gets them with the reason, and an explicit request for
+packed rows there is refused in one line; an architecture no path is exact for is refused before weights load.
 """
 
 from __future__ import annotations
@@ -88,8 +94,13 @@ def plan_batching(  # noqa: PLR0911, PLR0912, PLR0913
     padding_free: bool | str, attn_implementation: str, compute_dtype: str, device: DeviceInfo, needs: AttentionNeeds,
     kernel_parameters: frozenset[str] | None, token_budget: bool = False, pad_to_multiple_of: bool = False,
 ) -> BatchingPlan:
-    """Resolve the `auto` settings for one device and model; explicit settings pass through unchanged."""
+    """Resolve the `auto` settings for one device and model; explicit settings pass through unchanged where they
+    are exact for the architecture, and are refused (UserError) where they are not."""
     from lora_causal.model.attention import kernel_verdict
+
+    routed = _routed_by_family(padding_free, attn_implementation, needs, token_budget)
+    if routed is not None:
+        return routed
 
     verdict = kernel_verdict(device.type, device.capability, compute_dtype, dropout=needs.dropout,
                              softcap=needs.softcap, sliding_window=needs.sliding_window, parameters=kernel_parameters)
@@ -123,6 +134,32 @@ def plan_batching(  # noqa: PLR0911, PLR0912, PLR0913
     if padding_free is True:  # asked for, but the kernel cannot serve it: still exact, with a mask
         return BatchingPlan(True, "auto", packed_own, f"{asked}no varlen kernel here: {verdict}")
     return BatchingPlan(False, "auto", "the model's default", f"the stock path, since {verdict}")
+
+
+def _routed_by_family(padding_free: bool | str, attn_implementation: str, needs: AttentionNeeds,
+                      token_budget: bool) -> BatchingPlan | None:
+    """The padded plan of an architecture classified padded (None for the others); refusals as UserError."""
+    from lora_causal.core.errors import UserError
+    from lora_causal.model.families import PADDED, REFUSED, family
+
+    found = family(needs.model_type)
+    name = needs.model_type
+    if found.verdict == REFUSED:
+        raise UserError(f"model.name_or_path: {name} models cannot be trained exactly by lora_causal: {found.reason}; "
+                        "choose a model of another architecture")
+    if found.verdict != PADDED:
+        return None
+    asked = ("train.token_budget" if token_budget else "model.attn_implementation: varlen"
+             if attn_implementation == VARLEN else "train.padding_free: true" if padding_free is True else None)
+    if asked is not None and not found.classified:
+        return None  # asked for by hand on an architecture not classified yet: honoured
+    if asked is not None:
+        raise UserError(f"{asked}: packed rows would train {name} wrongly, since {found.reason}; remove it (padded "
+                        "batches are exact for this model)" if asked == "train.token_budget" else
+                        f"{asked}: packed rows would train {name} wrongly, since {found.reason}; set "
+                        f"{asked.split(':')[0]}: auto (padded batches, exact for this model)")
+    own = attn_implementation if attn_implementation != "auto" else "the model's default"
+    return BatchingPlan(False, attn_implementation, own, f"{name}: padded batches, since {found.reason}")
 
 
 def plan_for_model(model: ModelSection, quantization: QuantizationSection, train: TrainSection,

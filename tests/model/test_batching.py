@@ -71,9 +71,37 @@ def test_explicit_settings_are_honoured() -> None:
 
 
 def test_models_without_custom_attention_keep_their_own() -> None:
-    chosen = plan(needs=AttentionNeeds("remote", custom_attention=False))
+    chosen = plan(needs=AttentionNeeds("llama", custom_attention=False))  # as with trust_remote_code
     assert (chosen.padding_free, chosen.attn_implementation) == (False, "auto")
     assert "takes no custom attention function" in chosen.reason
+
+
+def test_architectures_classified_padded_are_routed_and_explicit_packing_refused() -> None:
+    from lora_causal.core.errors import UserError
+
+    for device, dtype in ((H100, "bfloat16"), (CPU, "float32")):
+        for model_type, why in (("gpt_oss", "sinks"), ("lfm2", "carry state"), ("roberta", "RoBERTa-style"),
+                                ("nemotron", "keep packed examples apart"), ("llama4", "chunked")):
+            chosen = plan(device=device, dtype=dtype, needs=AttentionNeeds(model_type))
+            assert (chosen.padding_free, chosen.attn_implementation) == (False, "auto"), model_type
+            assert why in chosen.reason and model_type in chosen.line()
+    for extra, key in (({"padding_free": True}, "train.padding_free: true"), ({"attn": "varlen"}, "varlen"),
+                       ({"token_budget": True}, "train.token_budget")):
+        with pytest.raises(UserError, match=key) as caught:
+            plan(needs=AttentionNeeds("gpt_oss"), **extra)
+        assert "sinks" in str(caught.value) and "\n" not in str(caught.value)
+    assert plan(needs=AttentionNeeds("gpt_oss"), attn="sdpa").padding_free is False
+
+
+def test_refused_and_unclassified_architectures() -> None:
+    from lora_causal.core.errors import UserError
+
+    with pytest.raises(UserError, match="cpmant models cannot be trained exactly.*padding"):
+        plan(device=CPU, dtype="float32", needs=AttentionNeeds("cpmant"))
+    new = plan(device=CPU, dtype="float32", needs=AttentionNeeds("brand_new_arch"))  # a newer transformers
+    assert (new.padding_free, new.attn_implementation) == (False, "auto")
+    assert "not in lora_causal's classification" in new.reason
+    assert plan(needs=AttentionNeeds("brand_new_arch"), padding_free=True).padding_free is True  # by hand: honoured
 
 
 def test_needs_are_read_from_real_configs() -> None:
