@@ -33,6 +33,7 @@ INDEXER = "its sparse-attention indexer needs the attention mask, which packed r
 POSITIONS = "its positions are numbered RoBERTa-style from the padding index, not from packed position ids"
 BOUNDARIES = ("its layers do not keep packed examples apart (boundaries or position ids not passed on to attention, "
               "or positions not from position ids): the conformance sweep measured packed rows wrong")
+NO_CUSTOM = "its attention takes no custom attention function, so packed rows cannot get varlen attention"
 UNTESTED = "it cannot be built tiny by the conformance sweep, so packed rows are not shown exact for it"
 PADDING_DEPENDENT = "its outputs depend on the batch's padding (the conformance sweep measured padded batches wrong)"
 UNCLASSIFIED = "it is not in lora_causal's classification of architectures yet (a newer transformers?)"
@@ -79,7 +80,7 @@ TABLE: dict[str, tuple[str, str, str]] = {
     "bert-generation": (PADDED, BOUNDARIES, FUSED),
     "big_bird": (PADDED, BOUNDARIES, OWN),
     "bigbird_pegasus": (PADDED, BOUNDARIES, FUSED),
-    "biogpt": (PADDING_FREE, EXACT, FUSED),
+    "biogpt": (PADDED, NO_CUSTOM, FUSED),
     "bitnet": (PADDING_FREE, EXACT, FUSED),
     "blenderbot": (PADDED, BOUNDARIES, FUSED),
     "blenderbot-small": (PADDED, BOUNDARIES, FUSED),
@@ -114,7 +115,7 @@ TABLE: dict[str, tuple[str, str, str]] = {
     "exaone": (PADDING_FREE, EXACT, FUSED),
     "exaone4": (PADDING_FREE, EXACT, FUSED),
     "exaone_moe": (PADDING_FREE, EXACT, FUSED),
-    "falcon": (PADDING_FREE, EXACT, FUSED),
+    "falcon": (PADDED, NO_CUSTOM, FUSED),
     "falcon_h1": (PADDED, STATE, FUSED),
     "falcon_mamba": (PADDED, STATE, FUSED),
     "flex_olmo": (PADDING_FREE, EXACT, FUSED),
@@ -142,9 +143,9 @@ TABLE: dict[str, tuple[str, str, str]] = {
     "gpt-sw3": (PADDING_FREE, EXACT, FUSED),
     "gpt2": (PADDING_FREE, EXACT, FUSED),
     "gpt_bigcode": (PADDING_FREE, EXACT, FUSED),
-    "gpt_neo": (PADDING_FREE, EXACT, FUSED),
+    "gpt_neo": (PADDED, NO_CUSTOM, FUSED),
     "gpt_neox": (PADDING_FREE, EXACT, FUSED),
-    "gpt_neox_japanese": (PADDING_FREE, EXACT, FUSED),
+    "gpt_neox_japanese": (PADDED, NO_CUSTOM, FUSED),
     "gpt_oss": (PADDED, SINKS, FUSED),
     "gptj": (PADDING_FREE, EXACT, FUSED),
     "granite": (PADDING_FREE, EXACT, FUSED),
@@ -248,7 +249,7 @@ TABLE: dict[str, tuple[str, str, str]] = {
     "starcoder2": (PADDING_FREE, EXACT, FUSED),
     "trocr": (PADDED, POSITIONS, FUSED),
     "vaultgemma": (PADDING_FREE, EXACT, FUSED),
-    "whisper": (PADDING_FREE, EXACT, FUSED),
+    "whisper": (PADDED, NO_CUSTOM, FUSED),
     "xglm": (PADDED, BOUNDARIES, FUSED),
     "xlm": (PADDED, BOUNDARIES, FUSED),
     "xlm-roberta": (PADDED, POSITIONS, OWN),

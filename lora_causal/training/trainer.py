@@ -93,6 +93,18 @@ def trainer_class() -> type:
         def __init__(self, *args: Any, meter: TokenMeter | None = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.meter = meter
+            # Both losses below divide by the step's supervised-token count: let Trainer count it for every class,
+            # also those with `accepts_loss_kwargs = False` (Gemma-4), and not divide again by the accumulation steps
+            self.model_accepts_loss_kwargs = True
+            self.own_head = loss_head(self.model) == "own"
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            """TRL's fused-head loss where the classification shows it exact; the model's own head otherwise."""
+            if not self.own_head:
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            return own_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
         def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
             fillers = inputs.pop("filler_tokens", 0)  # the collator's count of filler tokens: not for the model
@@ -137,6 +149,34 @@ def trainer_class() -> type:
             return metrics
 
     return CountingSFTTrainer
+
+
+def loss_head(model: Any) -> str:
+    """"fused" (TRL's fused LM head) or "own" (the model's logits), as lora_causal.model.families classifies it."""
+    from lora_causal.model.families import family
+
+    from_peft = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return family(getattr(from_peft.config, "model_type", "")).head
+
+
+def own_loss(trainer: Any, model: Any, inputs: dict[str, Any], return_outputs: bool, num_items_in_batch: Any) -> Any:
+    """The step's loss from the model's own logits (its head layers, scaling and softcapping included), summed over
+    supervised next tokens and divided by the step's count; the model's own auxiliary router loss added as TRL does."""
+    from lora_causal.model.losses import own_head_loss
+
+    logits_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+    logits_inputs["use_cache"] = False
+    if trainer.aux_loss_enabled:
+        logits_inputs["output_router_logits"] = True
+    outputs = model(**logits_inputs)
+    loss = own_head_loss(outputs.logits, inputs["labels"], num_items_in_batch)
+    if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
+        loss = loss * trainer.accelerator.num_processes
+    aux = getattr(outputs, "aux_loss", None) if trainer.aux_loss_enabled else None
+    if aux is not None:
+        steps = trainer.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        loss = loss + trainer.router_aux_loss_coef * aux / steps
+    return (loss, outputs) if return_outputs else loss
 
 
 def build_trainer(  # noqa: PLR0913
