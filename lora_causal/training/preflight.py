@@ -57,7 +57,7 @@ def check_max_length(recipe: Recipe, config: Any) -> None:
     """Refuse a data.max_length beyond the model's position limit (read from its config, no weights)."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     limit = getattr(text_config, "max_position_embeddings", None)
-    if isinstance(limit, int) and recipe.data.max_length > limit:
+    if isinstance(limit, int) and 0 < limit < recipe.data.max_length:  # XLNet says -1: no limit
         raise UserError(
             f"data.max_length: {recipe.data.max_length} exceeds the model's maximum positions ({limit}); "
             f"set data.max_length to {limit} or less"
