@@ -100,3 +100,15 @@ def test_the_default_plan_is_exact(model_type: str) -> None:  # noqa: PLR0912
     if found.head == FUSED and aux_applies(model):
         fused, own = aux_losses(model, examples)
         assert own is None or math.isclose(float(fused), float(own), abs_tol=TOLERANCE), model_type
+
+
+def test_readme_lists_exactly_the_padding_free_architectures() -> None:
+    from conftest import REPO
+
+    from lora_causal.model.families import padding_free_types
+
+    text = (REPO / "README.md").read_text()
+    start = text.index("<!-- padding-free list")
+    block = text[text.index("\n", start): text.index("<!-- end of padding-free list -->")]
+    listed = [name.strip().strip("`") for name in block.split(",") if name.strip()]
+    assert listed == padding_free_types()
