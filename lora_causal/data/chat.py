@@ -9,9 +9,13 @@ the conversation's length; the prefix property (earlier turns render the same on
 checked on the text of every turn:
 - `through` may end with an end-of-conversation marker that the full text carries only at its very end (Phi-3
   appends EOS when no generation prompt follows); such a suffix of special tokens is harmless and is not a target
-  of earlier turns.
+  of earlier turns. When that marker directly follows the message's own text it is the turn's end token, and the
+  earlier turn's end token is the special token at the same place in the conversation (gpt-oss closes the last
+  turn with `<|return|>`, every earlier one with `<|end|>`): that token is a target.
 - `before` may end with generation-prompt text the conversation never shows (DeepSeek-R1 prefills `<think>\\n`);
-  the turn then starts where the two part, provided the history before it is intact.
+  the turn then starts after the generation prompt's tokens that the conversation shares, compared token by token
+  (`Tokens.turn_start`): a character-level comparison would eat the first `<` of an answer `<b>Paris</b>` into
+  the prompt `<think>`, or cut inside a token. The history before it must be intact.
 Anything else is a real history rewrite (an earlier turn rendered differently) and is refused with the turn, the
 character position and both renderings.
 """
@@ -19,6 +23,7 @@ character position and both renderings.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 SHOWN_CHARS = 40  # characters of each rendering quoted in an error
@@ -36,6 +41,31 @@ class TurnTexts:
     turn: int
     before: str  # turns < turn + generation prompt ("" for turn 0)
     through: str  # turns <= turn, no generation prompt
+    content: str = ""  # the message's own text
+
+
+class Tokens:
+    """The conversation's token ids and character offsets, and a way to tokenize a piece of text alone."""
+
+    def __init__(self, ids: list[int], offsets: list[tuple[int, int]], encode: Callable[[str], list[int]]):
+        self.ids, self.offsets, self.encode = ids, offsets, encode
+        self.starts = [start for start, _ in offsets]
+
+    def turn_start(self, before: str, history_end: int) -> int:
+        """Where an assistant turn starts, at token level, when `before` (history + generation prompt) departs from
+        the conversation after `history_end`: after the conversation's tokens that tokenizing the generation prompt
+        alone gives too. Always a token boundary of the conversation."""
+        k = max(bisect.bisect_right(self.starts, history_end) - 1, 0)  # the token holding history_end
+        if k < len(self.offsets) and self.offsets[k][1] <= history_end:
+            k += 1  # that token is all history: the prompt starts with the next one
+        if k >= len(self.offsets):
+            return history_end
+        begin = min(self.offsets[k][0], history_end)
+        prompt = self.encode(before[begin:])
+        shared = 0
+        while shared < len(prompt) and k + shared < len(self.ids) and prompt[shared] == self.ids[k + shared]:
+            shared += 1
+        return self.offsets[k + shared - 1][1] if shared else begin
 
 
 def common_prefix_length(first: str, second: str) -> int:
@@ -76,6 +106,21 @@ def _intact_length(partial: str, full: str, special_tokens: tuple[str, ...]) -> 
     return None
 
 
+def _closing_tokens(full: str, end: int, marker: str, special_tokens: tuple[str, ...]) -> int:
+    """`end` moved past as many special tokens of `full` as `marker` holds (the earlier turn's own end tokens)."""
+    ordered = sorted((token for token in special_tokens if token), key=len, reverse=True)
+    count, at = 0, 0
+    while at < len(marker):  # the marker's special tokens, longest match first
+        found = next((token for token in ordered if marker.startswith(token, at)), None)
+        count, at = (count + 1, at + len(found)) if found else (count, at + 1)
+    for _ in range(count):
+        found = next((token for token in ordered if full.startswith(token, end)), None)
+        if found is None:
+            break
+        end += len(found)
+    return end
+
+
 def _differs(turn: int, what: str, mine: str, full: str, at: int) -> TemplateMismatch:
     return TemplateMismatch(
         f"the chat template renders message {turn} ({what}) differently once later turns follow (it rewrites "
@@ -87,11 +132,12 @@ def _differs(turn: int, what: str, mine: str, full: str, at: int) -> TemplateMis
 
 
 def assistant_char_spans(full: str, turns: list[TurnTexts], special_tokens: tuple[str, ...],
-                         render_without_prompt: object = None) -> list[tuple[int, int]]:
+                         render_without_prompt: object = None, tokens: Tokens | None = None) -> list[tuple[int, int]]:
     """Character spans [start, end) of each assistant turn inside `full`, checked as the module describes.
 
     `render_without_prompt(turn)` renders turns < turn without a generation prompt; it is called only when
-    `before` departs from `full`, to tell a generation-prompt difference from a history rewrite.
+    `before` departs from `full`, to tell a generation-prompt difference from a history rewrite. With `tokens`
+    (the conversation's tokens) such a turn starts at token level; without, at the characters the two share.
     """
     spans: list[tuple[int, int]] = []
     previous_end = 0
@@ -100,6 +146,9 @@ def assistant_char_spans(full: str, turns: list[TurnTexts], special_tokens: tupl
         if end is None:
             at = common_prefix_length(texts.through, full)
             raise _differs(texts.turn, "the assistant turn itself, as the last turn", texts.through, full, at)
+        content = texts.content.strip()
+        if end < len(texts.through) and content and texts.through[:end].rstrip().endswith(content):
+            end = _closing_tokens(full, end, texts.through[end:], special_tokens)  # the marker was its end token
         if texts.turn == 0:
             start = 0
         else:
@@ -111,6 +160,8 @@ def assistant_char_spans(full: str, turns: list[TurnTexts], special_tokens: tupl
                     at = common_prefix_length(history, full) if intact is None else start
                     shown = history if intact is None else texts.before
                     raise _differs(texts.turn - 1, "the turns before an assistant turn", shown, full, at)
+                if tokens is not None:
+                    start = tokens.turn_start(texts.before, intact)
         if not previous_end <= start < end:
             raise TemplateMismatch(
                 f"message {texts.turn} (assistant) renders to no text of its own between characters {start} and "

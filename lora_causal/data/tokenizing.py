@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lora_causal.core.errors import UserError, first_line
 from lora_causal.core.recipe import FORMAT_FIELDS, DataSource, EvalSection
-from lora_causal.data.chat import TemplateMismatch, TurnTexts, assistant_char_spans, token_mask
+from lora_causal.data.chat import TemplateMismatch, Tokens, TurnTexts, assistant_char_spans, token_mask
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -86,6 +86,8 @@ class RowTokenizer:
                 "use a chat model's tokenizer or convert the data to prompt_completion"
             )
         self.specials = special_token_texts(tokenizer) if fmt == "messages" else ()
+        if fmt == "messages":
+            self._check_template_shows_text()
 
     # -- one row or a batch ------------------------------------------------------------------------------
 
@@ -201,6 +203,25 @@ class RowTokenizer:
             )
         return clean
 
+    def _check_template_shows_text(self) -> None:
+        """Refuse a chat template that renders none of a message's text content (multimodal templates such as
+        idefics3 and smolvlm read content as a list of parts and print nothing of a string), checked once on a
+        probe conversation: trained, it would teach only the end-of-turn token, without a word of the answers."""
+        probe = [{"role": "user", "content": "probe question 7"}, {"role": "assistant", "content": "probe answer 7"}]
+        try:
+            text = self.tokenizer.apply_chat_template(probe, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template that refuses this probe is judged on the real rows
+            return
+        missing = [m["role"] for m in probe if m["content"] not in text]
+        if missing:
+            name = getattr(self.tokenizer, "name_or_path", "") or "this tokenizer"
+            raise UserError(
+                f"{self.where}: the chat template of {name} renders none of the text of a {' or '.join(missing)} "
+                "message given as a string (it expects content as a list of parts, like multimodal templates such "
+                "as idefics3 and smolvlm); put a text-only chat_template in the tokenizer's tokenizer_config.json, "
+                "or convert the data to prompt_completion"
+            )
+
     def _render(self, location: str, conversations: list[list[dict]], add_generation_prompt: bool) -> list[str]:
         if not conversations:
             return []
@@ -223,19 +244,20 @@ class RowTokenizer:
         encoded = self.tokenizer(fulls, add_special_tokens=False, return_offsets_mapping=self.tokenizer.is_fast)
         results = []
         for index, (conversation, full, (where, _)) in enumerate(zip(conversations, fulls, items)):
-            texts = [TurnTexts(t, next(befores) if t else "", full if t == len(conversation) - 1 else next(throughs))
-                     for t in turns[index]]
+            texts = [TurnTexts(t, next(befores) if t else "", full if t == len(conversation) - 1 else next(throughs),
+                               conversation[t]["content"]) for t in turns[index]]
             ids = list(encoded["input_ids"][index])
+            tokens = None
+            if self.tokenizer.is_fast:
+                tokens = Tokens(ids, [tuple(pair) for pair in encoded["offset_mapping"][index]],
+                                lambda text: self._encode([text], special=False)[0])
 
             def history(turn: int, conversation: list[dict] = conversation, where: str = where) -> str:
                 return self._render(where, [conversation[:turn]], False)[0]
 
             try:
-                spans = assistant_char_spans(full, texts, self.specials, history)
-                if self.tokenizer.is_fast:
-                    offsets = [tuple(pair) for pair in encoded["offset_mapping"][index]]
-                else:
-                    offsets = self._offsets_by_prefixes(full, ids, spans)
+                spans = assistant_char_spans(full, texts, self.specials, history, tokens)
+                offsets = tokens.offsets if tokens else self._offsets_by_prefixes(full, ids, spans)
                 mask = token_mask(offsets, spans, turns[index])
             except TemplateMismatch as exc:
                 raise UserError(f"{self.where}: {where}: {exc}") from None
