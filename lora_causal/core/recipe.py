@@ -130,11 +130,20 @@ class EvalSection(_Section):
     revision: str | None = None
     columns: dict[str, str] | None = None
     split_ratio: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] | None = None
+    # alpaca only: the eval file's prompt template; defaults to data.train.template, so eval loss is measured on
+    # the prompts training used.
+    template: str | None = None
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> EvalSection:
         if (self.path is None) == (self.split_ratio is None):
             raise ValueError("set exactly one of path or split_ratio")
+        if self.template is not None:
+            if self.path is None:
+                raise ValueError("template applies to an eval file (path); rows split off with split_ratio use "
+                                 "data.train.template")
+            if "{instruction}" not in self.template:
+                raise ValueError("template must contain '{instruction}'")
         return self
 
 
@@ -151,6 +160,18 @@ class DataSection(_Section):
     # false: prepare it afresh this time. cache_dir defaults to $LORA_CAUSAL_CACHE/data or ~/.cache/lora_causal/data.
     cache: bool = True
     cache_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _eval_template_is_alpaca(self) -> DataSection:
+        if self.eval is not None and self.eval.template is not None and (self.eval.format or self.train.format) != "alpaca":
+            raise ValueError("eval.template applies to format 'alpaca' only; remove it")
+        return self
+
+    def eval_template(self) -> str | None:
+        """The alpaca template of a separate eval file: its own, else the training one (None: the defaults)."""
+        if self.eval is None or (self.eval.format or self.train.format) != "alpaca":
+            return None
+        return self.eval.template if self.eval.template is not None else self.train.template
 
     @model_validator(mode="after")
     def _mask_prompt_needs_prompt(self) -> DataSection:

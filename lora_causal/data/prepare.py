@@ -98,8 +98,9 @@ def prepare_source(source: Source, settings: DataSource | EvalSection, fmt: str,
 def _sources(data: DataSection) -> list[tuple[str, Any, str]]:
     """(where, settings, format) of the train source and of a separate eval source."""
     sources = [("data.train", data.train, data.train.format)]
-    if data.eval is not None and data.eval.path is not None:
-        sources.append(("data.eval", data.eval, data.eval.format or data.train.format))
+    if data.eval is not None and data.eval.path is not None:  # rendered with the training template unless it has one
+        settings = data.eval.model_copy(update={"template": data.eval_template()})
+        sources.append(("data.eval", settings, data.eval.format or data.train.format))
     return sources
 
 
