@@ -53,11 +53,7 @@ def speaks() -> bool:
 
 
 def sharded_training() -> bool:
-    """True under FSDP or DeepSpeed ZeRO-3, as accelerate's state has it (FSDP asked of a CPU run is plain DDP).
-
-    accelerate fixes the ZeRO stage only when the trainer builds its DeepSpeed plugin; until then the stage is the
-    one `accelerate launch` exported from its config.
-    """
+    """True under FSDP or DeepSpeed ZeRO-3, as accelerate's state has it (FSDP asked of a CPU run is plain DDP)."""
     from accelerate.utils import DistributedType
 
     state = state_if_started()
@@ -65,7 +61,29 @@ def sharded_training() -> bool:
         return False
     if state.distributed_type == DistributedType.FSDP:
         return True
-    return state.distributed_type == DistributedType.DEEPSPEED and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    return state.distributed_type == DistributedType.DEEPSPEED and deepspeed_zero_stage() == 3
+
+
+def deepspeed_zero_stage() -> int | None:
+    """The ZeRO stage accelerate uses: the active DeepSpeed plugin's once accelerate's state holds one (the trainer
+    builds it), else the stage of the plugin accelerate builds from what `accelerate launch` exported, so a stage
+    given in `deepspeed_config_file` (exported only as the file's path) counts as well as `zero_stage`. None
+    without DeepSpeed."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:
+        plugin = AcceleratorState().deepspeed_plugin
+        if plugin is not None:
+            return int(plugin.zero_stage)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() not in ("1", "true"):
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    try:
+        return int(DeepSpeedPlugin().zero_stage)  # reads ACCELERATE_DEEPSPEED_ZERO_STAGE / _CONFIG_FILE as accelerate does
+    except (OSError, ValueError) as exc:
+        source = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "the accelerate config")
+        raise UserError(f"the DeepSpeed config {source} cannot be read: {str(exc).splitlines()[0]}") from None
 
 
 def launcher_engine() -> str | None:
