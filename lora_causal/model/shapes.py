@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lora_causal.core.errors import UserError
+from lora_causal.core.errors import UserError, first_line
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -61,9 +61,20 @@ def write_shape_config(shape: str, folder: Path) -> Path:
         try:
             config = AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path)
         except (OSError, ValueError) as exc:
-            raise UserError(f"--shape: cannot read '{path}' as a model config ({exc})") from None
+            raise UserError(f"--shape: cannot read '{path}' as a model config ({first_line(exc)})") from None
+        _check_causal_lm(shape, config)
     config.save_pretrained(folder)
     return folder
+
+
+def _check_causal_lm(shape: str, config: object) -> None:
+    """Refuse a config that AutoModelForCausalLM cannot build (an encoder, a vision model, ...), before any weights."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UserError(f"--shape: '{shape}' is a {getattr(config, 'model_type', type(config).__name__)} config, which "
+                        "is not a causal language model (transformers' AutoModelForCausalLM has no class for it); give "
+                        "the config.json of a causal LM or a named shape")
 
 
 def parameter_counts(config_dir: Path) -> dict[str, int]:
@@ -76,7 +87,8 @@ def parameter_counts(config_dir: Path) -> dict[str, int]:
         model = AutoModelForCausalLM.from_config(config)
     embedding = model.get_input_embeddings().weight.numel()
     linear = sum(module.weight.numel() for module in model.modules() if module.__class__.__name__ == "Linear")
-    return {"matmul": linear, "embedding": embedding, "layers": config.num_hidden_layers,
-            "hidden": config.hidden_size, "vocab": config.vocab_size,
-            "max_positions": getattr(config, "max_position_embeddings", 2048),
+    text = config.get_text_config()  # multimodal configs keep the language model's sizes in a text config
+    return {"matmul": linear, "embedding": embedding, "layers": text.num_hidden_layers,
+            "hidden": text.hidden_size, "vocab": text.vocab_size,
+            "max_positions": getattr(text, "max_position_embeddings", 2048),
             "dtype": json.loads(config.to_json_string()).get("dtype") or "float32"}

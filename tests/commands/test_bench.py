@@ -116,3 +116,17 @@ def test_bad_bench_arguments(args: list[str], pattern: str, tmp_path: Path, capf
     out, err = capfd.readouterr()
     assert_one_line_error(code, err, pattern, out)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("model_type", ["vit", "t5", "clip_text_model"])
+def test_shape_that_is_not_a_causal_lm_is_one_line(model_type: str, tmp_path: Path, capfd) -> None:
+    """A config.json AutoModelForCausalLM cannot build: one error line, exit 2, no traceback, nothing written."""
+    from transformers import AutoConfig
+
+    AutoConfig.for_model(model_type).save_pretrained(tmp_path / "cfg")
+    capfd.readouterr()
+    code = call_cli(["bench", "--out", str(tmp_path / "b"), "--shape", str(tmp_path / "cfg" / "config.json")])
+    out, err = capfd.readouterr()
+    assert_one_line_error(code, err, rf"--shape: '.*config\.json' is a {model_type} config, which is not a causal "
+                                     r"language model", out)
+    assert "Traceback" not in err and not (tmp_path / "b").exists()
