@@ -11,6 +11,10 @@ Two paths, chosen up front by `kernel_verdict` from the device, dtype and the la
   cumulative lengths, max lengths as ints, causality and window as the kernel's (left, right) tuple or its older
   `is_causal` flag, GQA) and `call_kernel` is the one call into it, so tests on the CPU drive the argument
   preparation against a CPU stand-in with the kernel's semantics.
+  The kernel's limits are part of the verdict: query/key head dims up to 256 and multiples of 8 (Gemma-4's
+  global layers, 512, take the exact path), one head dim for q, k and v: MLA models (DeepSeek-V2/V3, MiniCPM3,
+  GLM-4.x-Flash, LongCat) whose value head dim is smaller than the query's get V zero-padded to the query's and
+  the output cropped, as transformers' own flash integration does; a larger value head dim is routed away.
 - exact: attention computed sequence by sequence (sdpa, or an explicit softmax where softcapping is needed).
   The reference on the CPU (where it is also the fast path: no padding, no mask) and the fallback for what the
   kernel cannot do (softcapping, attention dropout, float32, GPUs older than Ampere, a torch without varlen_attn).
@@ -26,6 +30,8 @@ from typing import Any
 
 NAME = "lora_causal_varlen"
 FLASH_MIN_CAPABILITY = (8, 0)  # Flash Attention 2 kernels need Ampere or newer
+FLASH_MAX_HEAD_DIM = 256  # the largest head dim Flash Attention 2's kernels are built for
+FLASH_HEAD_DIM_MULTIPLE = 8
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +73,11 @@ def kernel_parameters() -> frozenset[str] | None:
 def kernel_verdict(  # noqa: PLR0913
     device_type: str, capability: tuple[int, int] | None, dtype_name: str, *, dropout: float = 0.0,
     softcap: float | None = None, sliding_window: int | None = None, parameters: frozenset[str] | None = None,
+    head_dim: int | None = None, v_head_dim: int | None = None,
 ) -> str | None:
-    """None when the flash kernel computes this attention exactly; otherwise why the exact path must be taken."""
+    """None when the flash kernel computes this attention exactly; otherwise why the exact path must be taken.
+
+    `head_dim` is the largest query/key head dim of any layer, `v_head_dim` the value's (None: the same)."""
     if device_type != "cuda":
         return "not on a CUDA GPU"
     if parameters is None:
@@ -85,6 +94,19 @@ def kernel_verdict(  # noqa: PLR0913
         return "the kernel cannot apply attention logit softcapping"
     if sliding_window is not None and "window_size" not in parameters:
         return "this torch's varlen_attn takes no window_size for the model's sliding window"
+    return head_dim_verdict(head_dim, v_head_dim)
+
+
+def head_dim_verdict(head_dim: int | None, v_head_dim: int | None = None) -> str | None:
+    """Why the kernel cannot take these head dims, or None (a smaller value head dim is padded, see module)."""
+    if head_dim is None:
+        return None
+    if head_dim > FLASH_MAX_HEAD_DIM:
+        return f"head dim {head_dim} is over the Flash kernel's limit of {FLASH_MAX_HEAD_DIM}"
+    if head_dim % FLASH_HEAD_DIM_MULTIPLE:
+        return f"head dim {head_dim} is not a multiple of {FLASH_HEAD_DIM_MULTIPLE}, as the Flash kernel needs"
+    if v_head_dim is not None and v_head_dim > head_dim:
+        return f"value head dim {v_head_dim} is larger than the query's {head_dim} (the kernel takes one head dim)"
     return None
 
 
@@ -135,11 +157,11 @@ def _packed_attention(  # noqa: PLR0913
     q, k, v = (tensor[0].transpose(0, 1) for tensor in (query, key, value))  # [tokens, heads, dim]
     reason = kernel_verdict(
         q.device.type, _capability(q.device), str(q.dtype).removeprefix("torch."), dropout=dropout, softcap=softcap,
-        sliding_window=window, parameters=kernel_parameters(),
+        sliding_window=window, parameters=kernel_parameters(), head_dim=q.shape[-1], v_head_dim=v.shape[-1],
     )
     if reason is None:
         args, options = flash_varlen_arguments(q, k, v, cu_q, cu_k, max_q, max_k, scale, window, kernel_parameters())
-        output = call_kernel(*args, **options)
+        output = call_kernel(*args, **options)[..., : v.shape[-1]]  # V padded for the kernel: crop it back
     else:
         if q.device.type == "cuda":  # on the CPU the exact path is the normal one, nothing to say
             _say_once(f"{NAME}: exact per-sequence attention instead of Flash Attention ({reason}); correct but slower "
@@ -162,7 +184,8 @@ def flash_varlen_arguments(  # noqa: PLR0913
 
     transformers' `sliding_window` W lets a token see itself and the W - 1 before it; the kernel's window is
     (left, right) tokens beside the query, so W becomes (W - 1, 0). Causal without a window is (-1, 0) on torch
-    2.12+, `is_causal=True` on 2.10/2.11.
+    2.12+, `is_causal=True` on 2.10/2.11. A value head dim smaller than the query's (MLA) is zero-padded up to it,
+    as transformers' flash integration does; the caller crops the output back to the value's dim.
     """
     import torch
 
@@ -174,6 +197,8 @@ def flash_varlen_arguments(  # noqa: PLR0913
     max_q = int(max_q) if max_q is not None else int((cu_q[1:] - cu_q[:-1]).max())
     max_k = int(max_k) if max_k is not None else int((cu_k[1:] - cu_k[:-1]).max())
     options: dict[str, Any] = {"scale": scale}
+    if v.shape[-1] < q.shape[-1]:
+        v = torch.nn.functional.pad(v, [0, q.shape[-1] - v.shape[-1]])
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in parameters:
             options["enable_gqa"] = True

@@ -55,6 +55,8 @@ class AttentionNeeds:
     sliding_window: int | None = None
     dropout: float = 0.0
     custom_attention: bool = True  # the model class takes attention functions registered with AttentionInterface
+    head_dim: int | None = None  # the largest query/key head dim of any layer
+    v_head_dim: int | None = None  # the value head dim where it differs (MLA)
 
     @classmethod
     def from_config(cls, config: Any, trust_remote_code: bool = False) -> AttentionNeeds:
@@ -65,7 +67,25 @@ class AttentionNeeds:
             sliding_window=getattr(text, "sliding_window", None),
             dropout=float(getattr(text, "attention_dropout", 0.0) or 0.0),
             custom_attention=not trust_remote_code and _takes_custom_attention(config),
+            **head_dims(text),
         )
+
+
+def head_dims(text: Any) -> dict[str, int | None]:
+    """The largest query/key head dim of any layer and the value head dim (MLA: qk_nope + qk_rope and v_head_dim;
+    Gemma-4: the per-layer head_dim of its global layers), read from the config's values."""
+    values = text.to_dict() if hasattr(text, "to_dict") else {}
+    qk = values.get("qk_head_dim")
+    if qk is None and values.get("qk_nope_head_dim") is not None and values.get("qk_rope_head_dim") is not None:
+        qk = values["qk_nope_head_dim"] + values["qk_rope_head_dim"]
+    if qk is None:
+        qk = values.get("head_dim")
+    if qk is None and values.get("hidden_size") and values.get("num_attention_heads"):
+        qk = values["hidden_size"] // values["num_attention_heads"]
+    layers = [layer.get("head_dim") for layer in (values.get("per_layer_config") or {}).values() if isinstance(layer, dict)]
+    dims = [dim for dim in (qk, values.get("global_head_dim"), *layers) if isinstance(dim, int)]
+    value = values.get("v_head_dim")
+    return {"head_dim": max(dims) if dims else None, "v_head_dim": value if isinstance(value, int) and value != qk else None}
 
 
 def _takes_custom_attention(config: Any) -> bool:
@@ -103,7 +123,8 @@ def plan_batching(  # noqa: PLR0911, PLR0912, PLR0913
         return routed
 
     verdict = kernel_verdict(device.type, device.capability, compute_dtype, dropout=needs.dropout,
-                             softcap=needs.softcap, sliding_window=needs.sliding_window, parameters=kernel_parameters)
+                             softcap=needs.softcap, sliding_window=needs.sliding_window, parameters=kernel_parameters,
+                             head_dim=needs.head_dim, v_head_dim=needs.v_head_dim)
     flash = verdict is None
     varlen_kernel = "varlen, Flash Attention kernel" if flash else "varlen, exact per-sequence"
     packed_own = "the model's own, with a block-diagonal mask from position_ids"
@@ -129,8 +150,10 @@ def plan_batching(  # noqa: PLR0911, PLR0912, PLR0913
     if device.type == "cpu":
         return BatchingPlan(True, VARLEN, varlen_kernel, f"{asked}on the CPU: no padding and no tokens x tokens mask")
     if flash:
+        padded_v = (f"; value head dim {needs.v_head_dim} padded to {needs.head_dim} and cropped, as transformers' "
+                    "flash integration does" if needs.v_head_dim is not None else "")
         return BatchingPlan(True, VARLEN, varlen_kernel,
-                            f"{asked}{device.name} runs Flash Attention's varlen kernel in {compute_dtype}")
+                            f"{asked}{device.name} runs Flash Attention's varlen kernel in {compute_dtype}{padded_v}")
     if padding_free is True:  # asked for, but the kernel cannot serve it: still exact, with a mask
         return BatchingPlan(True, "auto", packed_own, f"{asked}no varlen kernel here: {verdict}")
     return BatchingPlan(False, "auto", "the model's default", f"the stock path, since {verdict}")
