@@ -112,7 +112,7 @@ def _prepare(plan: RunPlan, state: Any, say: Say, require_resume: bool) -> tuple
     tokenizer = load_tokenizer(recipe.model)
     say(plan.batching.line())
 
-    data = prepare_shared(recipe.data, tokenizer, recipe.train.seed, state, say)
+    data = prepare_shared(recipe.data, tokenizer, recipe.train.seed, state, say, recipe.train.collective_timeout_s)
     findings = run_checks(data, recipe.data, recipe.checks, tokenizer, recipe.train.micro_batch_size, recipe.train.seed)
     enforce(findings)
     say(f"data: {data.train_report.summary()}")
