@@ -108,7 +108,7 @@ def wait_for(marker: Path, what: str, timeout_s: float, failure: Path | None = N
         waited = time.monotonic() - start
         if waited > timeout_s:
             raise UserError(f"waited {timeout_s:.0f}s for the main process to write {what} ({marker}); raise "
-                            "train.collective_timeout_s or look at the main process's output")
+                            "train.collective_timeout_s or look at the main process's output", own=True)
         if say is not None and time.monotonic() - last_said > 30:
             say(f"waiting for the main process to write {what} ({waited:.0f}s)")
             last_said = time.monotonic()

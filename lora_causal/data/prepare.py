@@ -198,7 +198,8 @@ def prepare_shared(data: DataSection, tokenizer: PreTrainedTokenizerBase, seed: 
         if why is not None and not marker.is_file():
             raise UserError(
                 f"the process that prepares the data on this machine {why} without finishing it; run the same command "
-                "again (it prepares the data anew), or raise train.collective_timeout_s if preparing is only slow"
+                "again (it prepares the data anew), or raise train.collective_timeout_s if preparing is only slow",
+                own=True,
             )
         time.sleep(POLL_S)
     outcome = json.loads(marker.read_text())
