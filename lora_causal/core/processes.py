@@ -94,6 +94,22 @@ def check_same_recipe(fingerprint: str) -> None:
         )
 
 
+def agree_max(value: int) -> int:
+    """The largest `value` of all launched processes (a collective; the value itself with one process): how the
+    processes agree on a decision one of them made, such as stopping after this step on a signal."""
+    state = state_if_started()
+    if state is None or state.num_processes == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=state.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
 def wait_for(marker: Path, what: str, timeout_s: float, failure: Path | None = None,
              say: Callable[[str], Any] | None = None) -> None:
     """Wait (polling the file system, no collective) until `marker` exists; stop early if `failure` appears.
