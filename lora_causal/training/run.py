@@ -227,7 +227,7 @@ def _train(context: RunContext, data: Any) -> TrainResult:  # noqa: PLR0915 - on
     global_step, processes = trainer.state.global_step, trainer.args.world_size
     if sharded and is_main and context.prompts:
         del trainer, model, save  # the sharded model goes before a whole copy comes
-        before, after = _answers_on_a_whole_copy(as_run, run_dir.path / "adapter", tokenizer, context.prompts)
+        before, after = _answers_on_a_whole_copy(plan, run_dir.path / "adapter", tokenizer, context.prompts, say)
     samples = [
         {"prompt": prompt, "before": b, "after": a}
         for prompt, b, a in zip(recipe.output.sample_prompts, before, after)
@@ -251,25 +251,43 @@ def _train(context: RunContext, data: Any) -> TrainResult:  # noqa: PLR0915 - on
     return TrainResult(run_dir.path, metrics.losses(), samples, run_dir.resume_from)
 
 
-def _answers_on_a_whole_copy(recipe: Recipe, adapter: Path, tokenizer: Any, prompts: list[list[int]]) -> tuple[list, list]:
+def _answers_on_a_whole_copy(plan: RunPlan, adapter: Path, tokenizer: Any, prompts: list[list[int]],
+                             say: Say) -> tuple[list, list]:
     """Sample answers (before: adapter off, after: on) from a whole 4-bit copy of the base on this process's device,
-    with the saved adapter: after sharded training, no process holds the whole model."""
+    with the saved adapter: after sharded training, no process holds the whole model. Skipped, with a notice, when
+    the copy cannot fit (estimated up front, or out of memory while loading): the run is complete without them."""
     import gc
 
     import torch
 
     from lora_causal.model.generation import greedy_answers
     from lora_causal.model.loading import load_base_model
+    from lora_causal.model.memory import whole_copy_fits
     from lora_causal.serving.adapters import with_adapter
 
+    recipe = plan.as_run
+    later = (f"answer them later with `lora-causal generate {adapter.parent} --prompt ...` on a machine where the base "
+             "fits whole")
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    model = with_adapter(load_base_model(recipe.model, recipe.quantization, recipe.train.seed, sharded=False), adapter)
-    tokens = recipe.output.sample_max_new_tokens
-    with model.disable_adapter():  # the base as it was before training (LoRA starts as the identity)
-        before = greedy_answers(model, tokenizer, prompts, tokens)
-    return before, greedy_answers(model, tokenizer, prompts, tokens)
+    fits, needed, free = whole_copy_fits(recipe, plan.model_config)
+    if not fits:
+        say(f"sample answers skipped: a whole 4-bit copy of the base needs about {needed / 2**30:.1f} GiB and this "
+            f"process's device has {free / 2**30:.1f} GiB free; {later}")
+        return [], []
+    try:
+        model = with_adapter(load_base_model(recipe.model, recipe.quantization, recipe.train.seed, sharded=False), adapter)
+        tokens = recipe.output.sample_max_new_tokens
+        with model.disable_adapter():  # the base as it was before training (LoRA starts as the identity)
+            before = greedy_answers(model, tokenizer, prompts, tokens)
+        return before, greedy_answers(model, tokenizer, prompts, tokens)
+    except torch.cuda.OutOfMemoryError:
+        model = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        say(f"sample answers skipped: the device ran out of memory holding a whole 4-bit copy of the base; {later}")
+        return [], []
 
 
 def _merge_run(plan: RunPlan, run_dir: Path, say: Any) -> dict[str, Any]:
