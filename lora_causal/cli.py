@@ -151,7 +151,13 @@ def _train(recipe_path: str, overrides: Sequence[str], resume: bool = False, ove
     from lora_causal.training.run import run_training
 
     console = Console(highlight=False, soft_wrap=True)
-    recipe = load_recipe(recipe_path, [*overrides, *(["output.overwrite=true"] if overwrite else [])])
+    try:
+        recipe = load_recipe(recipe_path, [*overrides, *(["output.overwrite=true"] if overwrite else [])])
+    except UserError as exc:
+        from lora_causal.core.processes import share_startup_error
+
+        share_startup_error(exc)  # launched processes: the main one learns why this one cannot start
+        raise
     result = run_training(recipe, say=console.print, require_resume=resume)
     if not result.is_main_process:
         return
