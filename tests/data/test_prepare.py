@@ -269,3 +269,21 @@ def test_cache_clear_removes_entries(tmp_path: Path, tiny_tokenizer) -> None:
     prepare_data(_data(write_jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "cache"), tiny_tokenizer, 0)
     removed, size = clear_cache(tmp_path / "cache")
     assert removed == 1 and size > 0 and not _entries(tmp_path / "cache")
+
+
+def test_hub_sources_are_keyed_by_the_resolved_commit(tmp_path: Path) -> None:
+    """datasets' builder (offline here, on a data folder) hands its hash, the resolved commit for a Hub dataset, to
+    the source's identity; the requested revision is not the key."""
+    import datasets
+
+    from lora_causal.data.sources import Source, _load_hub
+
+    folder = tmp_path / "hub-like"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", ROWS)
+    source = Source("data.train", str(folder), "train", revision="main")
+    source._hub = _load_hub(source)
+    expected = datasets.load_dataset_builder(str(folder)).hash
+    identity = source.identity()
+    assert source.commit == expected and identity["commit"] == expected and "revision" not in identity
+    assert identity["rows"] == len(ROWS)
