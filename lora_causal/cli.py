@@ -151,7 +151,13 @@ def _train(recipe_path: str, overrides: Sequence[str], resume: bool = False, ove
     from lora_causal.training.run import run_training
 
     console = Console(highlight=False, soft_wrap=True)
-    recipe = load_recipe(recipe_path, [*overrides, *(["output.overwrite=true"] if overwrite else [])])
+    try:
+        recipe = load_recipe(recipe_path, [*overrides, *(["output.overwrite=true"] if overwrite else [])])
+    except UserError as exc:
+        from lora_causal.core.processes import share_startup_error
+
+        share_startup_error(exc)  # launched processes: the main one learns why this one cannot start
+        raise
     result = run_training(recipe, say=console.print, require_resume=resume)
     if not result.is_main_process:
         return
@@ -297,11 +303,12 @@ def _check_seed(seed: int) -> None:
         raise UserError(f"--seed must be between 0 and {MAX_SEED} (the seeds numpy accepts), not {seed}")
 
 
-def _say_once(text: str) -> None:
-    """Under accelerate launch every process meets the same error: the main one says it, all exit alike."""
+def _say_once(text: str, own: bool = False) -> None:
+    """Under accelerate launch every process meets the same error: the main one says it, all exit alike. An error
+    only this process met (`own`: the process it waited for is gone) is said by this process."""
     from lora_causal.core.processes import speaks
 
-    if speaks():
+    if own or speaks():
         sys.stderr.write(text)
 
 
@@ -338,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             _train(args.recipe, args.overrides, args.resume, args.overwrite)
     except UserError as exc:
-        _say_once(f"error: {exc}\n")
+        _say_once(f"error: {exc}\n", exc.own)
         return EXIT_USER_ERROR
     except RunInterrupted as exc:
         _say_once(f"{exc}\n")
