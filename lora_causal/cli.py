@@ -1,4 +1,4 @@
-"""`lora-causal {train,validate,show,inspect,merge,generate,bench,cache}`: argument parsing and dispatch only.
+"""`lora-causal {train,validate,show,inspect,merge,generate,bench,cache,check-serving,export}`: argument parsing and dispatch only.
 
 Problems with the user's input (`UserError`) print one line on stderr and exit with status 2.
 """
@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a recipe and build its configs without loading weights")
     validate.add_argument("recipe", help="path to a YAML recipe")
     validate.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=overrides_help)
+    validate.add_argument("--serving", action="append", default=[], metavar="ENGINE",
+                          help="also check the adapter this recipe trains against a serving engine: vllm, sglang, "
+                               "llamacpp or all (repeatable)")
 
     show = commands.add_parser("show", help="print a run's summary and write its loss plot (finished or running)")
     show.add_argument("run_dir", metavar="RUN_DIR", help="a run's output.dir")
@@ -91,6 +94,25 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--raw", action="store_true", help="tokenize the prompt as is, without the training format")
+    serving = commands.add_parser("check-serving", help="check an adapter or recipe against vLLM, SGLang, llama.cpp")
+    serving.add_argument("source", metavar="ADAPTER_OR_RECIPE", help="a run directory, an adapter folder or a recipe")
+    serving.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=overrides_help)
+    serving.add_argument("--engine", action="append", default=[], required=True,
+                         help="vllm, sglang, llamacpp or all (repeatable, or comma-separated)")
+    serving.add_argument("--base-model", help="the base model's folder, when the adapter's recorded one is elsewhere")
+
+    export = commands.add_parser("export", help="export a merged model as GGUF, checked against the merged model")
+    export.add_argument("source", metavar="RUN_DIR_OR_MERGED", help="a run directory with a merged model, or a merged folder")
+    export.add_argument("--format", choices=["gguf"], default="gguf")
+    export.add_argument("--type", default="f16", help="f32, f16, bf16, q8_0, or a K-quant (q4_k_m, q5_k_m, q6_k, ...) when "
+                        "llama.cpp's llama-quantize is installed")
+    export.add_argument("--out", help="the .gguf file to write (default: MERGED/model-TYPE.gguf)")
+    export.add_argument("--force", action="store_true", help="replace an existing --out file")
+    export.add_argument("--prompt", action="append", default=[], help="a prompt to compare on (repeatable)")
+    export.add_argument("--no-modelfile", action="store_true", help="do not write an Ollama Modelfile next to the file")
+    export.add_argument("--converter", choices=["auto", "builtin", "llama.cpp"], default="auto",
+                        help="builtin: lora_causal's writer (llama, mistral, qwen2); llama.cpp: convert_hf_to_gguf.py "
+                             "from $LLAMA_CPP_DIR; auto: builtin where supported, else llama.cpp")
     cache = commands.add_parser("cache", help="manage the prepared (tokenized) data cache")
     cache_commands = cache.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
     clear = cache_commands.add_parser("clear", help="delete every prepared dataset in the cache folder")
@@ -126,7 +148,7 @@ def _quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def _validate(recipe_path: str, overrides: Sequence[str]) -> None:
+def _validate(recipe_path: str, overrides: Sequence[str], serving: Sequence[str] = ()) -> int:
     import json
 
     from lora_causal.batching import plan_for_recipe
@@ -143,6 +165,30 @@ def _validate(recipe_path: str, overrides: Sequence[str]) -> None:
         print(f"# {name}: {json.dumps(built, default=str)}")
     print(f"# {plan_for_recipe(recipe, config=model_config).line()}")
     print(f"# recipe is valid (fingerprint {recipe.fingerprint()})")
+    if serving:
+        from lora_causal.serving.check import check_serving, format_results, parse_engines
+
+        facts, results = check_serving(recipe_path, parse_engines(list(serving)), overrides)
+        print("\n".join(f"# {line}" for line in format_results(facts, results).splitlines()))
+        return 0 if all(result.ok for result in results) else 1
+    return 0
+
+
+def _check_serving(args: argparse.Namespace) -> int:
+    from lora_causal.serving.check import check_serving, format_results, parse_engines
+
+    facts, results = check_serving(args.source, parse_engines(args.engine), args.overrides, args.base_model)
+    print(format_results(facts, results))
+    return 0 if all(result.ok for result in results) else 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lora_causal.serving.export import export_gguf, format_export_report
+
+    report = export_gguf(args.source, args.type, out=args.out, force=args.force, prompts=args.prompt,
+                         modelfile=not args.no_modelfile, converter=args.converter)
+    print(format_export_report(report))
+    return 0
 
 
 def _train(recipe_path: str, overrides: Sequence[str], resume: bool = False, overwrite: bool = False) -> None:
@@ -323,7 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
         if args.command == "validate":
-            _validate(args.recipe, args.overrides)
+            return _validate(args.recipe, args.overrides, args.serving)
+        elif args.command == "check-serving":
+            return _check_serving(args)
+        elif args.command == "export":
+            return _export(args)
         elif args.command == "show":
             _show(args.run_dir)
         elif args.command == "inspect":
