@@ -69,7 +69,7 @@ def smallest_vllm_rank(rank: int) -> int | None:
 
 def _lora_fields(facts: AdapterFacts) -> tuple[str, str]:
     """How to name a setting in a fix: the recipe key for recipes, the adapter_config key for adapters."""
-    return ("lora.", "retrain with") if facts.is_recipe else ("", "retrain with lora.")
+    return ("lora.", "set lora.") if facts.is_recipe else ("", "retrain with lora.")
 
 
 def _unparsable_tensors(facts: AdapterFacts) -> list[str]:
