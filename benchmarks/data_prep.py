@@ -57,7 +57,7 @@ def _peak_rss_mib() -> float:
 
 
 def _data_section(path: str, fmt: str, cache: str, max_length: int) -> object:
-    from lora_causal.config import DataSection
+    from lora_causal.core.recipe import DataSection
 
     return DataSection.model_validate({"train": {"path": path, "format": fmt}, "max_length": max_length,
                                        "cache_dir": cache})
@@ -66,7 +66,7 @@ def _data_section(path: str, fmt: str, cache: str, max_length: int) -> object:
 def run_ours(path: str, fmt: str, cache: str, max_length: int) -> dict:
     from transformers import AutoTokenizer
 
-    from lora_causal.prepare import prepare_data
+    from lora_causal.data.prepare import prepare_data
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     start = time.perf_counter()
@@ -81,7 +81,7 @@ def run_shared(path: str, fmt: str, cache: str, max_length: int) -> dict:
     from accelerate import PartialState
     from transformers import AutoTokenizer
 
-    from lora_causal.prepare import prepare_shared
+    from lora_causal.data.prepare import prepare_shared
 
     state = PartialState(cpu=True)
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
@@ -101,7 +101,7 @@ def run_trl(path: str, fmt: str, hf_cache: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from lora_causal.synthetic import materialize_random_model
+    from lora_causal.model.synthetic import materialize_random_model
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
     model = AutoModelForCausalLM.from_pretrained(materialize_random_model(TOKENIZER, 0))

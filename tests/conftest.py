@@ -58,7 +58,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_causal.synthetic import train_tiny_tokenizer
+    from lora_causal.model.synthetic import train_tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = train_tiny_tokenizer(CORPUS, vocab_size=300)

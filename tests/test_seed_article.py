@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lora_causal.collator import CausalLMCollator
-from lora_causal.config import ModelSection, QuantizationSection
-from lora_causal.model import load_base_model
+from lora_causal.core.recipe import ModelSection, QuantizationSection
+from lora_causal.data.collator import CausalLMCollator
+from lora_causal.model.loading import load_base_model
 
 
 def test_the_dog_likes_food(tiny_model_dir: Path, tiny_tokenizer) -> None:

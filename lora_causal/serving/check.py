@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from lora_causal.errors import UserError
+from lora_causal.core.errors import UserError
 from lora_causal.serving.rules import ENGINES, FINDERS, Finding, serve_flags
 
 if TYPE_CHECKING:

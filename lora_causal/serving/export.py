@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from lora_causal.errors import UserError
+from lora_causal.core.errors import UserError
 
 REPORT = "export_report.json"
 REPORT_FORMAT = "lora_causal-export-report"
@@ -22,9 +22,9 @@ CONVERTERS = ("auto", "builtin", "llama.cpp")
 
 def find_merged(path: str) -> Path:
     """The merged model of a run directory, or a merged (plain transformers) model folder."""
-    from lora_causal.config import load_recipe
-    from lora_causal.paths import expand
-    from lora_causal.rundir import is_merged_dir, is_run_dir
+    from lora_causal.core.paths import expand
+    from lora_causal.core.recipe_file import load_recipe
+    from lora_causal.core.rundir import is_merged_dir, is_run_dir
 
     folder = expand(path, "RUN_DIR_OR_MERGED")
     if not folder.exists():
@@ -48,8 +48,8 @@ def find_merged(path: str) -> Path:
 
 
 def default_out(path: str, merged: Path, kind: str) -> Path:
-    from lora_causal.paths import expand
-    from lora_causal.rundir import is_run_dir
+    from lora_causal.core.paths import expand
+    from lora_causal.core.rundir import is_run_dir
 
     source = expand(path, "RUN_DIR_OR_MERGED")
     return source / f"gguf-{kind}" if is_run_dir(source) else merged.with_name(f"{merged.name}-gguf-{kind}")
@@ -59,7 +59,7 @@ def check_out(out: Path, force: bool) -> None:
     """A new or empty folder; --force replaces only an earlier export (a folder with our export report)."""
     import json
 
-    from lora_causal.paths import check_can_create
+    from lora_causal.core.paths import check_can_create
 
     check_can_create(out, "--out", "folder")
     if out.is_dir() and any(out.iterdir()):
@@ -108,10 +108,10 @@ def export_gguf(  # noqa: PLR0913
     modelfile: bool = True, converter: str = "auto", say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Export, check and (only when the check passes) keep. Returns the report, also saved as OUT/export_report.json."""
-    from lora_causal.merge import public_reference
-    from lora_causal.paths import expand
-    from lora_causal.rundir import package_versions, write_dir_atomic, write_json_atomic, write_text_atomic
+    from lora_causal.core.paths import expand
+    from lora_causal.core.rundir import package_versions, write_dir_atomic, write_json_atomic, write_text_atomic
     from lora_causal.serving import gguf_writer, quantize
+    from lora_causal.serving.merging import public_reference
     from lora_causal.serving.modelfile import modelfile_text, ollama_template
     from lora_causal.serving.parity import compare_export
 

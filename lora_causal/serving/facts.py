@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_causal.errors import UserError, first_line
+from lora_causal.core.errors import UserError, first_line
 
 # The linear layers of the families whose module names we know (Hugging Face names, which vLLM and SGLang keep):
 # what `target_modules: all-linear` becomes on them.
@@ -76,7 +76,7 @@ def _base_config(name: str | None, trust_remote_code: bool = False) -> tuple[dic
     """The base model's config as a dict (local folder, or the Hub cache; never a download)."""
     if not name:
         return None, "the adapter names no base model (pass --base-model)"
-    from lora_causal.preflight import load_model_config
+    from lora_causal.model.skeleton import load_model_config
 
     try:
         config = load_model_config(name, None, trust_remote_code, "base model")
@@ -109,9 +109,9 @@ def _recorded_base(adapter: Path, recorded: str) -> str:
 
 def adapter_facts(path: str, base_model: str | None = None) -> AdapterFacts:
     """Facts of a run directory's adapter, or of an adapter folder."""
-    from lora_causal.paths import expand
-    from lora_causal.readers import read_json, read_json_object
-    from lora_causal.rundir import is_run_dir
+    from lora_causal.core.paths import expand
+    from lora_causal.core.readers import read_json, read_json_object
+    from lora_causal.core.rundir import is_run_dir
 
     folder = expand(path, "ADAPTER_OR_RECIPE")
     if not folder.exists():
@@ -139,8 +139,8 @@ def adapter_facts(path: str, base_model: str | None = None) -> AdapterFacts:
 
 def recipe_facts(path: str, overrides: list[str] | tuple[str, ...] = ()) -> AdapterFacts:
     """Facts predicted from a recipe: the adapter config peft will save for it and its base model's config."""
-    from lora_causal.config import load_recipe
-    from lora_causal.model import build_lora_config
+    from lora_causal.core.recipe_file import load_recipe
+    from lora_causal.model.loading import build_lora_config
 
     recipe = load_recipe(path, list(overrides))
     config = build_lora_config(recipe.lora).to_dict()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lora_causal.errors import UserError
+from lora_causal.core.errors import UserError
 
 WRITER_TYPES = ("f32", "f16", "bf16", "q8_0")
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -39,7 +39,7 @@ FAMILY = {"llama": Family("LLAMA", True), "mistral": Family("LLAMA", True), "qwe
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    from lora_causal.readers import read_json_object
+    from lora_causal.core.readers import read_json_object
 
     return read_json_object(folder / "config.json", "export a folder saved by `lora-causal merge` (or save_pretrained)")
 

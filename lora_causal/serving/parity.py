@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from lora_causal.errors import first_line
+from lora_causal.core.errors import first_line
 
 PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog.",
                "Q: What is two plus two?\nA: four. Q: What color is the sky?\nA:",
@@ -74,7 +74,7 @@ def compare_export(merged: Path, gguf_file: Path, kind: str, prompts: list[str],
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lora_causal.merge import compare, logits_for
+    from lora_causal.serving.fidelity import compare, logits_for
     from lora_causal.serving.gguf_vocab import eos_ids, stop_token_ids_in_gguf
 
     say("reading the merged model and the exported file back (transformers' GGUF reader)")
@@ -144,7 +144,7 @@ def llama_cpp_parity(gguf_file: Path, ids: list[list[int]], reference: list[Any]
     import numpy as np
     import torch
 
-    from lora_causal.merge import compare
+    from lora_causal.serving.fidelity import compare
 
     model = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=max(len(row) for row in ids) + 8, logits_all=True,
                             verbose=False, n_threads=1)

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lora_causal.errors import UserError
+from lora_causal.core.errors import UserError
 
 KQUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 CONVERTER_TYPES = ("f32", "f16", "bf16", "q8_0")

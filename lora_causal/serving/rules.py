@@ -180,8 +180,8 @@ def llamacpp_findings(facts: AdapterFacts) -> list[Finding]:
         bad = [key for key in _unparsable_tensors(facts) if not key.endswith(("_layernorm.weight", ".norm.weight"))]
         if bad:
             findings.append(Finding("llamacpp", "error", f"convert_lora_to_gguf.py stops at tensors that are not "
-                                    f"lora_A/lora_B: {', '.join(bad[:3])}", f"retrain without modules_to_save and DoRA, "
-                                    f"or export the merged model as GGUF instead (lora-causal export)"))
+                                    f"lora_A/lora_B: {', '.join(bad[:3])}", "retrain without modules_to_save and DoRA, "
+                                    "or export the merged model as GGUF instead (lora-causal export)"))
     findings += _vocab_rules(facts, "llamacpp")
     return _dedupe(findings)
 

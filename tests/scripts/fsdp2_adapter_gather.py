@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lora_causal.saving import gather_adapter_state
+from lora_causal.training.saving import gather_adapter_state
 
 dist.init_process_group("gloo")
 torch.manual_seed(0)

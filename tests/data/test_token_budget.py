@@ -1,0 +1,101 @@
+"""Token-budget micro-batches: best-fit-decreasing packing, and training on packs."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from conftest import QA_ROWS, base_recipe, write_jsonl, write_recipe
+
+from lora_causal.core.errors import UserError
+from lora_causal.core.recipe_file import load_recipe
+from lora_causal.data.collator import CausalLMCollator
+from lora_causal.data.packing import PackCollator, best_fit_decreasing, pack_examples
+from lora_causal.training.run import run_training
+
+
+def test_best_fit_decreasing_by_hand() -> None:
+    # longest first: 9, 8 and 6 each open a bin (rooms 1, 2, 4); 4 fits only the 6-bin, 2 fits the 8-bin best,
+    # and 1 fits the 9-bin
+    lengths = [4, 9, 2, 6, 8, 1]
+    bins = best_fit_decreasing(lengths, budget=10)
+    assert sorted(sorted(lengths[i] for i in group) for group in bins) == [[1, 9], [2, 8], [4, 6]]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_packs_respect_the_budget_and_keep_every_example_once(seed: int) -> None:
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 100) for _ in range(300)]
+    bins = best_fit_decreasing(lengths, budget=256)
+    assert sorted(i for group in bins for i in group) == list(range(300))
+    assert all(sum(lengths[i] for i in group) <= 256 for group in bins)
+    assert len(bins) <= -(-sum(lengths) // 256) + 2  # close to the lower bound: packs are nearly full
+    assert bins == best_fit_decreasing(lengths, budget=256)  # deterministic
+
+
+def test_items_longer_than_the_budget_are_refused() -> None:
+    with pytest.raises(ValueError, match="item 1 has 300 tokens, more than the budget 256"):
+        best_fit_decreasing([10, 300], budget=256)
+
+
+def test_pack_collator_builds_one_padding_free_row_per_pack() -> None:
+    examples = [{"input_ids": [1, 2, 3], "prompt_length": 1}, {"input_ids": [4, 5]}, {"input_ids": [6, 7, 8, 9]}]
+    packs = pack_examples(examples, budget=6)
+    collate = PackCollator(CausalLMCollator(pad_token_id=0, mask_prompt=True, padding_free=True))
+    rows = [collate([pack]) for pack in packs]
+    assert all(row["input_ids"].shape[1] <= 6 for row in rows)
+    assert sorted(token for row in rows for token in row["input_ids"][0].tolist()) == list(range(1, 10))
+
+
+def test_packs_of_indices_and_their_fillers() -> None:
+    from datasets import Dataset
+
+    from lora_causal.data.even_split import top_up
+    from lora_causal.data.packing import pack_indices
+
+    examples = [{"input_ids": [1, 2, 3], "prompt_length": 1}, {"input_ids": [4, 5]}, {"input_ids": [6, 7, 8, 9]}]
+    packs = top_up(Dataset.from_list(pack_indices([3, 2, 4], budget=6)), 3, pad_token_id=0)  # 2 packs + 1 filler
+    collate = PackCollator(CausalLMCollator(pad_token_id=0, mask_prompt=True, padding_free=True), examples)
+    by_index = collate([packs[0], packs[1]])
+    by_value = PackCollator(collate.collator)([{"pack": [examples[i] for i in p["pack"]]} for p in (packs[0], packs[1])])
+    assert all(by_index[key].tolist() == by_value[key].tolist() for key in ("input_ids", "labels", "position_ids"))
+    filler = collate([packs[2]])
+    assert packs[2]["filler"] and filler["input_ids"].tolist() == [[0]] and filler["labels"].tolist() == [[-100]]
+
+
+def _epoch(tmp_path: Path, model_dir: Path, name: str, **train: object) -> list[dict]:
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS * 4)  # 16 examples of 20-25 tokens
+    tree = base_recipe(model_dir, data, tmp_path / name, train={"epochs": 1.0, "logging_steps": 1, **train})
+    del tree["train"]["max_steps"]
+    if "token_budget" in train:
+        del tree["train"]["micro_batch_size"]
+    result = run_training(load_recipe(write_recipe(tmp_path / f"{name}.yaml", tree)), say=lambda *_: None)
+    return [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+
+
+def test_training_on_token_budget_packs(tmp_path: Path, tiny_model_dir: Path) -> None:
+    packed = _epoch(tmp_path, tiny_model_dir, "packed", padding_free=True, token_budget=64)
+    padded = _epoch(tmp_path, tiny_model_dir, "padded", micro_batch_size=2)
+    assert len(padded) == 8
+    assert 5 <= len(packed) <= 7  # two or three examples to a 64-token row: fewer, fuller micro-batches
+    assert packed[-1]["supervised_tokens"] == padded[-1]["supervised_tokens"]  # every target trained once
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (["train.token_budget=512", "train.padding_free=false"],
+         r"train\.token_budget: packs examples into padding-free rows; set train\.padding_free: true or auto"),
+        (["train.token_budget=512", "train.pad_to_multiple_of=8"], r"token_budget: packs padding-free rows, but pad_to_multiple_of pads"),
+        (["train.token_budget=512", "train.padding_free=true", "train.micro_batch_size=4"], r"token_budget: replaces micro_batch_size"),
+        (["train.token_budget=32", "train.padding_free=true"], r"train\.token_budget \(32\) is smaller than data\.max_length \(64\)"),
+    ],
+)
+def test_token_budget_conflicts(overrides: list[str], pattern: str, tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
+    tree = base_recipe(tiny_model_dir, data, tmp_path / "run")
+    del tree["train"]["micro_batch_size"]
+    with pytest.raises(UserError, match=pattern):
+        load_recipe(write_recipe(tmp_path / "r.yaml", tree), overrides)
