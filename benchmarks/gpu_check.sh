@@ -55,7 +55,7 @@ EOF
 stages=" ${STAGES:-tests fsdp bench8b bench1b context} "
 wanted() { [[ "$stages" == *" $1 "* ]]; }
 
-wanted tests && stage gpu-tests 90 "$python" -m pytest -q -m gpu tests/model/test_gpu.py -p no:cacheprovider
+wanted tests && stage gpu-tests 90 "$python" -m pytest -q -m gpu tests/model/test_gpu.py -p no:cacheprovider -o addopts=""
 # FSDP-QLoRA on the single-device path: the demo recipe through the FSDP config with one process
 wanted fsdp && stage fsdp-qlora 60 "$python" -m accelerate.commands.launch --config_file recipes/accelerate/fsdp_qlora.yaml \
   --num_processes 1 -m lora_causal train recipes/demo.yaml train.epochs=1 train.max_steps=4 output.merge=null \

@@ -1,4 +1,4 @@
-"""`lora-causal {train,validate,show,inspect,merge,generate,bench,cache}`: argument parsing and dispatch only.
+"""`lora-causal {train,validate,show,inspect,merge,generate,bench,cache,check-serving,export}`: argument parsing and dispatch only.
 
 Problems with the user's input (`UserError`) print one line on stderr and exit with status 2.
 """
@@ -11,91 +11,9 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
-from lora_causal import __version__
+from lora_causal.arguments import EXIT_USER_ERROR, build_parser
 from lora_causal.core.errors import DISK_ERRNOS, ReportedElsewhere, RunInterrupted, UserError, disk_errno
-
-EXIT_USER_ERROR = 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"error: {message} (see '{self.prog} --help')\n")
-        raise SystemExit(EXIT_USER_ERROR)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lora-causal", description="QLoRA fine-tuning of causal LMs from strict YAML recipes.")
-    parser.add_argument("--version", action="version", version=f"lora_causal {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    overrides_help = "recipe overrides such as train.learning_rate=1e-4 (values are YAML)"
-
-    train = commands.add_parser("train", help="train a LoRA adapter from a recipe")
-    train.add_argument("recipe", help="path to a YAML recipe")
-    train.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=overrides_help)
-    train.add_argument("--resume", action="store_true",
-                       help="require an unfinished run in output.dir and continue it (rerunning resumes anyway)")
-    train.add_argument("--overwrite", action="store_true", help="replace a finished run in output.dir")
-
-    validate = commands.add_parser("validate", help="check a recipe and build its configs without loading weights")
-    validate.add_argument("recipe", help="path to a YAML recipe")
-    validate.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=overrides_help)
-
-    show = commands.add_parser("show", help="print a run's summary and write its loss plot (finished or running)")
-    show.add_argument("run_dir", metavar="RUN_DIR", help="a run's output.dir")
-
-    inspect = commands.add_parser("inspect", help="show which tokens are trained, dataset statistics and label checks")
-    inspect.add_argument("recipe", help="path to a YAML recipe")
-    inspect.add_argument("overrides", nargs="*", default=[], metavar="key=value", help=overrides_help)
-    inspect.add_argument("--n", type=int, default=5, help="examples to show (default 5)")
-    inspect.add_argument("--html", help="also write a self-contained HTML page here")
-    inspect.add_argument("--png", help="also write the length histogram as a PNG here")
-
-    bench = commands.add_parser("bench", help="benchmark speed and memory against the stock Hugging Face setup")
-    bench.add_argument("--shape", default="tiny", help="tiny, llama-3.2-1b, llama-3.1-8b, qwen2.5-7b, or a config.json")
-    bench.add_argument("--out", required=True, help="folder for bench.json, bench.md and bench.png")
-    bench.add_argument("--arms", default="stock,lora_causal",
-                       help="comma-separated: stock, lora_causal (the project's defaults), lora_causal+padded, "
-                            "lora_causal+packed_sdpa, lora_causal+no_checkpointing, lora_causal+offload (GPU only)")
-    bench.add_argument("--micro-batch", type=int, default=4)
-    bench.add_argument("--grad-accum", type=int, default=1)
-    bench.add_argument("--steps", type=int, default=20)
-    bench.add_argument("--warmup", type=int, default=3, help="steps left out of the measurements")
-    bench.add_argument("--median", type=int, default=512, help="median example length (lognormal)")
-    bench.add_argument("--sigma", type=float, default=0.7, help="lognormal sigma of the example lengths")
-    bench.add_argument("--max-length", type=int, default=2048)
-    bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--max-context", action="store_true", help="find the longest single sequence under --memory-cap-gib")
-    bench.add_argument("--memory-cap-gib", type=float, default=24.0)
-    bench.add_argument("--context-lengths", help="with --max-context: probe these comma-separated lengths, no bisection")
-    bench.add_argument("--profile", action="store_true",
-                       help="profile each arm's last warm-up step (torch.profiler) into profile-ARM.txt")
-
-    merge = commands.add_parser("merge", help="merge an adapter into its base model and measure the merge")
-    merge.add_argument("source", metavar="RUN_DIR_OR_ADAPTER", help="a run directory or an adapter folder")
-    merge.add_argument("--out", required=True, help="folder for the merged model (must be new or empty)")
-    merge.add_argument("--base", choices=["original", "nf4-roundtrip"], default="original",
-                       help="original: pristine base weights (serving); nf4-roundtrip: the NF4 weights training saw")
-    merge.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    merge.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
-    merge.add_argument("--prompt", action="append", default=[], help="a prompt to measure on (repeatable)")
-    merge.add_argument("--num-prompts", type=int, default=8, help="examples drawn from the run's data otherwise")
-    merge.add_argument("--base-model", help="override the base model named by the run or adapter")
-    merge.add_argument("--revision", help="revision of --base-model")
-
-    generate = commands.add_parser("generate", help="sample from a merged model, a run directory or an adapter")
-    generate.add_argument("source", metavar="MODEL_DIR_OR_RUN_DIR")
-    generate.add_argument("--prompt", required=True, help="rendered like the training prompts (see --raw)")
-    generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--raw", action="store_true", help="tokenize the prompt as is, without the training format")
-    cache = commands.add_parser("cache", help="manage the prepared (tokenized) data cache")
-    cache_commands = cache.add_subparsers(dest="cache_command", required=True, parser_class=_Parser)
-    clear = cache_commands.add_parser("clear", help="delete every prepared dataset in the cache folder")
-    clear.add_argument("--dir", help="the cache folder (default: $LORA_CAUSAL_CACHE/data or ~/.cache/lora_causal/data)")
-    return parser
 
 
 def _cache_clear(folder: str | None) -> None:
@@ -126,7 +44,7 @@ def _quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def _validate(recipe_path: str, overrides: Sequence[str]) -> None:
+def _validate(recipe_path: str, overrides: Sequence[str], serving: Sequence[str] = ()) -> int:
     import json
 
     from lora_causal.core.recipe_file import load_recipe
@@ -142,6 +60,30 @@ def _validate(recipe_path: str, overrides: Sequence[str]) -> None:
         print(f"# {name}: {json.dumps(built, default=str)}")
     print(f"# {plan.batching.line()}")
     print(f"# recipe is valid (fingerprint {recipe.fingerprint()})")
+    if serving:
+        from lora_causal.serving.check import check_serving, format_results, parse_engines
+
+        facts, results = check_serving(recipe_path, parse_engines(list(serving)), overrides)
+        print("\n".join(f"# {line}" for line in format_results(facts, results).splitlines()))
+        return 0 if all(result.ok for result in results) else 1
+    return 0
+
+
+def _check_serving(args: argparse.Namespace) -> int:
+    from lora_causal.serving.check import check_serving, format_results, parse_engines
+
+    facts, results = check_serving(args.source, parse_engines(args.engine), args.overrides, args.base_model)
+    print(format_results(facts, results))
+    return 0 if all(result.ok for result in results) else 1
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lora_causal.serving.export import export_gguf, format_export_report
+
+    report = export_gguf(args.source, args.type, out=args.out, force=args.force, prompts=args.prompt,
+                         modelfile=not args.no_modelfile, converter=args.converter)
+    print(format_export_report(report))
+    return 0
 
 
 def _train(recipe_path: str, overrides: Sequence[str], resume: bool = False, overwrite: bool = False) -> None:
@@ -151,7 +93,13 @@ def _train(recipe_path: str, overrides: Sequence[str], resume: bool = False, ove
     from lora_causal.training.run import run_training
 
     console = Console(highlight=False, soft_wrap=True)
-    recipe = load_recipe(recipe_path, [*overrides, *(["output.overwrite=true"] if overwrite else [])])
+    try:
+        recipe = load_recipe(recipe_path, [*overrides, *(["output.overwrite=true"] if overwrite else [])])
+    except UserError as exc:
+        from lora_causal.core.processes import share_startup_error
+
+        share_startup_error(exc)  # launched processes: the main one learns why this one cannot start
+        raise
     result = run_training(recipe, say=console.print, require_resume=resume)
     if not result.is_main_process:
         return
@@ -297,17 +245,18 @@ def _check_seed(seed: int) -> None:
         raise UserError(f"--seed must be between 0 and {MAX_SEED} (the seeds numpy accepts), not {seed}")
 
 
-def _say_once(text: str) -> None:
-    """Under accelerate launch every process meets the same error: the main one says it, all exit alike."""
+def _say_once(text: str, own: bool = False) -> None:
+    """Under accelerate launch every process meets the same error: the main one says it, all exit alike. An error
+    only this process met (`own`: the process it waited for is gone) is said by this process."""
     from lora_causal.core.processes import speaks
 
-    if speaks():
+    if own or speaks():
         sys.stderr.write(text)
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """Arguments; `key=value` overrides may also come after options (`inspect RECIPE --n 1 data.max_length=64`)."""
-    parser = _parser()
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
         takes_overrides = hasattr(args, "overrides")
@@ -322,7 +271,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
         if args.command == "validate":
-            _validate(args.recipe, args.overrides)
+            return _validate(args.recipe, args.overrides, args.serving)
+        elif args.command == "check-serving":
+            return _check_serving(args)
+        elif args.command == "export":
+            return _export(args)
         elif args.command == "show":
             _show(args.run_dir)
         elif args.command == "inspect":
@@ -338,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             _train(args.recipe, args.overrides, args.resume, args.overwrite)
     except UserError as exc:
-        _say_once(f"error: {exc}\n")
+        _say_once(f"error: {exc}\n", exc.own)
         return EXIT_USER_ERROR
     except RunInterrupted as exc:
         _say_once(f"{exc}\n")

@@ -16,6 +16,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several workers: a thread each (and for the processes they start)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = [
@@ -35,16 +37,22 @@ QA_ROWS = [
 ]
 
 
+# Tests that start several training processes of their own (accelerate launch, racing preparers): under pytest-xdist
+# they run one after another on one worker, so launches never share a port or fight for the cores with each other.
+MULTI_PROCESS_MODULES = ("test_distributed.py", "test_resume_changes.py", "test_stop_agreement.py", "test_cache_races.py")
+MULTI_PROCESS_TESTS = ("test_accelerate_launch_runs_the_same_code_path",)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` run only where CUDA is available."""
+    """Tests marked `gpu` run only where CUDA is available; multi-process tests share one xdist group."""
     import torch
 
-    if torch.cuda.is_available():
-        return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
+        if item.path.name in MULTI_PROCESS_MODULES or item.originalname in MULTI_PROCESS_TESTS:
+            item.add_marker(pytest.mark.xdist_group("processes"))
 
 
 @pytest.fixture(scope="session", autouse=True)

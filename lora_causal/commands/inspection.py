@@ -241,9 +241,17 @@ def render_html(tokenizer: Any, prepared: PreparedData, labels: list[list[int]],
 
 def inspect_recipe(recipe: Recipe, count: int, console: Console, html_path: Path | None = None,
                    png_path: Path | None = None) -> list[Finding]:
-    """Print the first `count` examples, statistics and checks; write the HTML page and PNG when asked."""
+    """Print the first `count` examples, statistics and checks; write the HTML page and PNG when asked.
+
+    The recipe first passes the pre-flight `validate` and `train` run (lora_causal.training.preflight): the same
+    recipe gets the same verdict from every command, before any data is tokenized."""
+    import sys
+
+    from lora_causal.training.preflight import check_before_loading
+
+    check_before_loading(recipe)
     tokenizer = load_tokenizer(recipe.model)
-    prepared = prepare_data(recipe.data, tokenizer, recipe.train.seed)
+    prepared = prepare_data(recipe.data, tokenizer, recipe.train.seed, say=lambda text: sys.stderr.write(f"{text}\n"))
     findings = run_checks(prepared, recipe.data, recipe.checks, tokenizer, recipe.train.micro_batch_size, recipe.train.seed)
     labels = example_labels(prepared, recipe, tokenizer.pad_token_id, count)
     for index, example in enumerate(prepared.train[:count]):

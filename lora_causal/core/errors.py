@@ -25,8 +25,9 @@ class UserError(Exception):
     The message names what is wrong and how to fix it; it must not need a traceback to be understood.
     """
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, own: bool = False) -> None:
         super().__init__(" ".join(message.split()))
+        self.own = own  # only this process met it (its peers may be gone): it says it itself, whatever its rank
 
 
 class ReportedElsewhere(Exception):

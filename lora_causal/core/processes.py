@@ -18,6 +18,7 @@ from typing import Any, Callable
 from lora_causal.core.errors import UserError
 
 WAIT_POLL_S = 0.5
+STARTUP_ERROR_TIMEOUT_S = 600  # how long a process with a broken recipe waits for the others to compare
 
 
 def process_state(timeout_s: float | None = None) -> Any:
@@ -96,20 +97,58 @@ def launcher_engine() -> str | None:
     return None
 
 
-def check_same_recipe(fingerprint: str) -> None:
-    """Every process must run the same resolved recipe; refuse (on every process) if one differs."""
+def check_same_recipe(fingerprint: str | None, error: str | None = None) -> None:
+    """Every process must run the same resolved recipe; refuse (on every process) if one differs, or if one could
+    not load its recipe at all (`error`: a machine with a stale copy of the file), naming it, so that the main
+    process, which speaks, learns why."""
     state = state_if_started()
     if state is None or state.num_processes == 1:
+        if error is not None:
+            raise UserError(error)
         return
     from accelerate.utils import gather_object
 
-    fingerprints = gather_object([fingerprint])
+    reports = gather_object([(fingerprint, error)])
+    failed = [(rank, text) for rank, (_, text) in enumerate(reports) if text is not None]
+    if error is not None:
+        raise UserError(error)
+    if failed:
+        rank, text = failed[0]
+        raise UserError(f"process {rank} of {len(reports)} refused its recipe: {text}; start every process with the "
+                        "same recipe file (a machine may hold an older copy of it)")
+    fingerprints = [value for value, _ in reports]
     odd = [rank for rank, value in enumerate(fingerprints) if value != fingerprints[0]]
     if odd:
         raise UserError(
             f"process {odd[0]} runs a recipe with fingerprint {fingerprints[odd[0]]}, process 0 runs "
             f"{fingerprints[0]}; start every process with the same recipe file and overrides"
         )
+
+
+def share_startup_error(exc: UserError) -> None:
+    """A launched process whose recipe does not load: take part in the recipe check with the error instead of a
+    fingerprint, so the main process reports it (otherwise only the launcher's failure report would reach the user);
+    raises the error. Nothing to do for a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or state_if_started() is not None:
+        return
+    process_state(STARTUP_ERROR_TIMEOUT_S)
+    check_same_recipe(None, str(exc))
+
+
+def agree_max(value: int) -> int:
+    """The largest `value` of all launched processes (a collective; the value itself with one process): how the
+    processes agree on a decision one of them made, such as stopping after this step on a signal."""
+    state = state_if_started()
+    if state is None or state.num_processes == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=state.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def wait_for(marker: Path, what: str, timeout_s: float, failure: Path | None = None,
@@ -126,7 +165,7 @@ def wait_for(marker: Path, what: str, timeout_s: float, failure: Path | None = N
         waited = time.monotonic() - start
         if waited > timeout_s:
             raise UserError(f"waited {timeout_s:.0f}s for the main process to write {what} ({marker}); raise "
-                            "train.collective_timeout_s or look at the main process's output")
+                            "train.collective_timeout_s or look at the main process's output", own=True)
         if say is not None and time.monotonic() - last_said > 30:
             say(f"waiting for the main process to write {what} ({waited:.0f}s)")
             last_said = time.monotonic()

@@ -23,11 +23,12 @@ from lora_causal.core.errors import DISK_ERRNOS, ReportedElsewhere, UserError
 from lora_causal.data.cache import (
     Entry,
     cache_problem,
+    claimed,
     data_cache_dir,
     entry_key,
-    locked,
-    place,
-    remove_partials,
+    publish,
+    remove_dead_partials,
+    staging_folder,
     tokenizer_digest,
 )
 from lora_causal.data.dataset import DataReport, PreparedData, RawRows, check_not_empty, split_indices, target_count
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from lora_causal.core.recipe import DataSection, DataSource, EvalSection
 
 POLL_S = 0.2
+DEFAULT_PATIENCE_S = 1800.0  # train.collective_timeout_s's default: how long a silent preparer is waited for
 STALE_LAUNCH_S = 7 * 24 * 3600
 
 
@@ -53,8 +55,10 @@ STALE_LAUNCH_S = 7 * 24 * 3600
 
 
 def prepare_source(source: Source, settings: DataSource | EvalSection, fmt: str, data: DataSection,
-                   tokenizer: PreTrainedTokenizerBase, tokenizer_hash: str, say: Any = None) -> Entry:
-    """The cache entry of one source: reused when complete, else tokenized (with `data.num_proc` processes)."""
+                   tokenizer: PreTrainedTokenizerBase, tokenizer_hash: str, say: Any = None,
+                   patience_s: float = DEFAULT_PATIENCE_S) -> Entry:
+    """The cache entry of one source: reused when complete and verified, else tokenized (with `data.num_proc`
+    processes) into this process's own staging folder and published (`lora_causal.data.cache`)."""
     say = say or (lambda *args: None)
     row_tokenizer = RowTokenizer(tokenizer, settings, fmt, source.where)  # refuses a chat format without template
     key = entry_key(source.identity(), settings, fmt, data, tokenizer_hash)
@@ -66,18 +70,19 @@ def prepare_source(source: Source, settings: DataSource | EvalSection, fmt: str,
             return entry
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        with locked(cache, key, say):
+        with claimed(cache, key, say, patience_s, lambda: Entry.read(target) if data.cache else None) as waited_for:
+            if waited_for is not None:  # prepared by the process we waited for
+                return waited_for
             entry = Entry.read(target) if data.cache else None
-            if entry is not None:  # prepared by the process we waited for
+            if entry is not None:  # published between the first look and the lock
                 return entry
-            remove_partials(cache, key)
-            staging = cache / f".{key}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+            remove_dead_partials(cache, key)
+            staging = staging_folder(cache, key)
             staging.mkdir()
             try:
                 meta = build_entry(source, row_tokenizer, data, staging)
                 meta["key"] = key
-                (staging / "entry.json").write_text(json.dumps(meta, indent=1))
-                place(staging, target)
+                return publish(staging, target, meta)
             finally:
                 if staging.exists():
                     shutil.rmtree(staging, ignore_errors=True)
@@ -85,10 +90,6 @@ def prepare_source(source: Source, settings: DataSource | EvalSection, fmt: str,
         if exc.errno in DISK_ERRNOS or isinstance(exc, PermissionError):
             raise cache_problem(exc, cache) from None
         raise
-    entry = Entry.read(target)
-    if entry is None:  # pragma: no cover - only if the folder is changed under us
-        raise UserError(f"the prepared data in {target} disappeared while it was being read; run again")
-    return entry
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -104,13 +105,14 @@ def _sources(data: DataSection) -> list[tuple[str, Any, str]]:
     return sources
 
 
-def prepare_entries(data: DataSection, tokenizer: PreTrainedTokenizerBase, say: Any = None) -> list[Entry]:
+def prepare_entries(data: DataSection, tokenizer: PreTrainedTokenizerBase, say: Any = None,
+                    patience_s: float = DEFAULT_PATIENCE_S) -> list[Entry]:
     """The cache entries of the recipe's data (train, then a separate eval source), prepared if needed."""
     tokenizer_hash = tokenizer_digest(tokenizer)
     entries = []
     for where, settings, fmt in _sources(data):
         source = Source.resolve(settings, where)
-        entries.append(prepare_source(source, settings, fmt, data, tokenizer, tokenizer_hash, say))
+        entries.append(prepare_source(source, settings, fmt, data, tokenizer, tokenizer_hash, say, patience_s))
     return entries
 
 
@@ -138,9 +140,10 @@ def load_prepared(entries: list[Entry], data: DataSection, tokenizer: PreTrained
     )
 
 
-def prepare_data(data: DataSection, tokenizer: PreTrainedTokenizerBase, seed: int, say: Any = None) -> PreparedData:
+def prepare_data(data: DataSection, tokenizer: PreTrainedTokenizerBase, seed: int, say: Any = None,
+                 patience_s: float = DEFAULT_PATIENCE_S) -> PreparedData:
     """Read, tokenize (or reuse from the cache) and split the recipe's data. Raises `UserError` on bad input."""
-    return load_prepared(prepare_entries(data, tokenizer, say), data, tokenizer, seed)
+    return load_prepared(prepare_entries(data, tokenizer, say, patience_s), data, tokenizer, seed)
 
 
 def _launch_marker(data: DataSection, launch: str, node: int) -> Path:
@@ -159,23 +162,29 @@ def _write_marker(path: Path, content: dict[str, Any]) -> None:
 
 
 def prepare_shared(data: DataSection, tokenizer: PreTrainedTokenizerBase, seed: int, state: Any,
-                   say: Any = None) -> PreparedData:
-    """Several launched processes: each machine's first process prepares, the others poll its launch marker
-    (no collective that could time out), then all memory-map the same entries.
+                   say: Any = None, patience_s: float = DEFAULT_PATIENCE_S) -> PreparedData:
+    """Several launched processes: each machine's first process prepares (with a heartbeat), the others poll its
+    launch marker (no collective that could time out), then all memory-map the same entries.
 
     A failure of the preparing process is reported by it alone; the waiting ones exit with its status
-    (`ReportedElsewhere`).
+    (`ReportedElsewhere`). A preparer that dies without a word (kill -9, the OOM killer) or falls silent for
+    `patience_s` (train.collective_timeout_s) ends the wait with one line.
     """
     if state.num_processes == 1:
-        return prepare_data(data, tokenizer, seed, say)
+        return prepare_data(data, tokenizer, seed, say, patience_s)
     from accelerate.utils import broadcast_object_list
+
+    from lora_causal.core.liveness import Watch, heartbeat
 
     launch = [uuid.uuid4().hex if state.is_main_process else None]
     broadcast_object_list(launch, from_process=0)  # everyone is here already: a name for this launch, no waiting
     marker = _launch_marker(data, launch[0], state.process_index - state.local_process_index)
+    beat = marker.with_suffix(".beat")
     if state.is_local_main_process:
         try:
-            entries = prepare_entries(data, tokenizer, say)
+            beat.parent.mkdir(parents=True, exist_ok=True)
+            with heartbeat(beat):
+                entries = prepare_entries(data, tokenizer, say, patience_s)
         except UserError:
             _write_marker(marker, {"ok": False, "exit_code": 2})
             raise
@@ -184,12 +193,20 @@ def prepare_shared(data: DataSection, tokenizer: PreTrainedTokenizerBase, seed: 
             raise
         _write_marker(marker, {"ok": True, "entries": [str(entry.path) for entry in entries]})
         return load_prepared(entries, data, tokenizer, seed)
+    watch = Watch(beat, patience_s)
     while not marker.is_file():
+        why = watch.check()
+        if why is not None and not marker.is_file():
+            raise UserError(
+                f"the process that prepares the data on this machine {why} without finishing it; run the same command "
+                "again (it prepares the data anew), or raise train.collective_timeout_s if preparing is only slow",
+                own=True,
+            )
         time.sleep(POLL_S)
     outcome = json.loads(marker.read_text())
     if not outcome["ok"]:
         raise ReportedElsewhere(outcome["exit_code"])
-    entries = [Entry.read(Path(path)) for path in outcome["entries"]]
+    entries = [Entry.read(Path(path), verify=False) for path in outcome["entries"]]  # verified by the preparer
     if any(entry is None for entry in entries):
         raise UserError(f"the data prepared by the first process is not readable from this one ({outcome['entries']}); "
                         "put data.cache_dir on a file system every process of a machine shares")

@@ -48,7 +48,13 @@ def default_num_proc(requested: int | None, size_bytes: int) -> int:
 
 
 def _init_worker(row_tokenizer: RowTokenizer, data: DataSection, rows_path: str, file_names: list[str],
-                 counter: Any) -> None:
+                 counter: Any, parent_pid: int | None = None) -> None:
+    if parent_pid is not None:  # a forked worker: it dies with its parent and holds none of the parent's locks
+        from lora_causal.core.liveness import die_with_parent
+        from lora_causal.data.cache import release_inherited_locks
+
+        die_with_parent(parent_pid)
+        release_inherited_locks()
     _WORKER.update(row_tokenizer=row_tokenizer, data=data, rows_path=rows_path, file_names=file_names, counter=counter)
 
 
@@ -222,7 +228,7 @@ def _run_in_pool(tasks: list[tuple[int, int, int, str]], processes: int, argumen
     counter = context.Value("q", 0)
     results: list[dict[str, Any]] = []
     with ProcessPoolExecutor(processes, mp_context=context, initializer=_init_worker,
-                             initargs=(*arguments, counter)) as pool:
+                             initargs=(*arguments, counter, os.getpid())) as pool:
         pending = {pool.submit(_tokenize_shard, task): task[0] for task in tasks}
         first_error = len(tasks)
         while pending:

@@ -27,9 +27,12 @@ HASH_CHUNK = 1 << 22
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes, read in chunks."""
+    """sha256 of a file's bytes, read in chunks (`hashlib.file_digest` is Python 3.11+)."""
+    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -44,6 +47,7 @@ class Source:
     revision: str | None = None
     files: list[Path] = field(default_factory=list)  # local files, in reading order
     _hub: Any = None  # the loaded Hub dataset
+    commit: str | None = None  # the Hub commit the requested revision resolved to when it was loaded
 
     @classmethod
     def resolve(cls, settings: Any, where: str) -> Source:
@@ -61,10 +65,11 @@ class Source:
         return source
 
     def identity(self) -> dict[str, Any]:
-        """What the rows depend on: the files' names and content hashes, or the Hub dataset's coordinates."""
+        """What the rows depend on: the files' names and content hashes, or the Hub dataset's coordinates with the
+        commit its revision resolved to (a fix pushed to the Hub is a new commit, whatever its size)."""
         if self._hub is not None:
             cache_files = [(Path(f["filename"]).name, Path(f["filename"]).stat().st_size) for f in self._hub.cache_files]
-            return {"hub": self.path, "config": self.config, "split": self.split, "revision": self.revision,
+            return {"hub": self.path, "config": self.config, "split": self.split, "commit": self.commit,
                     "data_files": self.data_files, "rows": len(self._hub), "cache_files": cache_files,
                     "features": str(self._hub.features)}
         root = Path(self.path)
@@ -234,8 +239,12 @@ def _load_hub(source: Source) -> Any:
 
     arguments = hub_arguments(source)
     described = ", ".join(f"{key} {value!r}" for key, value in arguments.items() if key != "path")
-    try:
-        return datasets.load_dataset(**arguments)
+    try:  # load_dataset's own steps, keeping the builder: its hash is the commit the revision resolved to
+        split = arguments.pop("split")
+        builder = datasets.load_dataset_builder(**arguments)
+        builder.download_and_prepare()
+        source.commit = builder.hash
+        return builder.as_dataset(split=split)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot get it"
         hint = "" if source.config else "; if it has several configurations, name one with config (e.g. config: main)"
         raise UserError(

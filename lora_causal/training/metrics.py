@@ -6,6 +6,7 @@ import json
 import resource
 import sys
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,9 @@ class MetricsCallback(TrainerCallback):
 
     Per training log: `tokens` and `supervised_tokens` are totals since this process started training (a resumed
     run counts again from 0), `tokens_per_s` and `supervised_tokens_per_s` cover the interval since the previous
-    training log, `elapsed_s` the time since training started in this process. Callbacks that read these fields
-    (the progress display, trackers) must come after this one.
+    training log, `elapsed_s` the time since training started in this process. Every record in metrics.jsonl also
+    names its `attempt` (one id per process that trained), so a summary can tell a resumed run's attempts apart
+    whatever the timing. Callbacks that read these fields (the progress display, trackers) must come after this one.
     """
 
     def __init__(self, path: Path, is_main_process: bool, meter: TokenMeter) -> None:
@@ -94,6 +96,7 @@ class MetricsCallback(TrainerCallback):
         self.history: list[dict[str, Any]] = []
         self._start_time = self._last_time = time.perf_counter()
         self._last_tokens = self._last_target_tokens = 0
+        self.attempt = uuid.uuid4().hex[:12]
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
         self._start_time = self._last_time = time.perf_counter()
@@ -112,7 +115,8 @@ class MetricsCallback(TrainerCallback):
             logs["peak_mem_gib"] = round(peak_memory_gib(), 3)
             self._last_time, self._last_tokens, self._last_target_tokens = time.perf_counter(), tokens, target_tokens
         logs["elapsed_s"] = round(time.perf_counter() - self._start_time, 3)
-        record = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
+        record = {"step": state.global_step, "attempt": self.attempt,
+                  **{k: v for k, v in logs.items() if isinstance(v, (int, float, str))}}
         self.history.append(record)
         if self.is_main_process:
             with self.path.open("a", encoding="utf-8") as stream:

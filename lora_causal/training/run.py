@@ -112,7 +112,9 @@ def _prepare(plan: RunPlan, state: Any, say: Say, require_resume: bool) -> tuple
     tokenizer = load_tokenizer(recipe.model)
     say(plan.batching.line())
 
-    data = prepare_shared(recipe.data, tokenizer, recipe.train.seed, state, say)
+    data = prepare_shared(recipe.data, tokenizer, recipe.train.seed, state, say, recipe.train.collective_timeout_s)
+    if run_dir.resume_from is not None:
+        check_resume_continues(run_dir.path, data.fingerprint, batch_layout(plan))
     findings = run_checks(data, recipe.data, recipe.checks, tokenizer, recipe.train.micro_batch_size, recipe.train.seed)
     enforce(findings)
     say(f"data: {data.train_report.summary()}")
@@ -123,6 +125,35 @@ def _prepare(plan: RunPlan, state: Any, say: Say, require_resume: bool) -> tuple
     prompts = [render_prompt_ids(tokenizer, source.format, text, source.template) for text in recipe.output.sample_prompts]
     context = RunContext(plan, run_dir, tokenizer, prompts, say)
     return context, data
+
+
+def batch_layout(plan: RunPlan) -> dict[str, int]:
+    """What fixes which examples each optimizer step trains: the processes and the rows of one global step (the
+    filler top-up and the shuffled order follow from them)."""
+    train = plan.as_run.train
+    micro = 1 if train.token_budget else train.micro_batch_size  # a token-budget micro-batch is one pack
+    processes = plan.topology.num_processes
+    return {"processes": processes, "rows_per_step": micro * processes * train.gradient_accumulation}
+
+
+def check_resume_continues(folder: Path, data_fingerprint: str, layout: dict[str, int]) -> None:
+    """Refuse to resume a run that would not continue exactly: other data, or another global batch layout (the
+    trainer skips the steps already done by position, so they must be the same examples in the same order)."""
+    from lora_causal.core.rundir import read_manifest
+
+    previous = read_manifest(folder) or {}
+    fresh = "or start afresh with --overwrite (output.overwrite=true) or another output.dir"
+    old_data = previous.get("dataset_fingerprint")
+    if old_data is not None and old_data != data_fingerprint:
+        raise UserError(f"output.dir: the unfinished run in '{folder}' was trained on other data (dataset fingerprint "
+                        f"{old_data[:12]}, now {data_fingerprint[:12]}), so resuming it would not continue it; restore "
+                        f"that data, {fresh}")
+    old = previous.get("layout")
+    if isinstance(old, dict) and old != layout:
+        raise UserError(f"output.dir: the unfinished run in '{folder}' started with {old.get('processes')} processes "
+                        f"({old.get('rows_per_step')} rows per step) and this launch has {layout['processes']} "
+                        f"({layout['rows_per_step']}), so the steps already trained would not be the same examples; "
+                        f"launch {old.get('processes')} processes to resume it, {fresh}")
 
 
 def _train(context: RunContext, data: Any) -> TrainResult:  # noqa: PLR0915 - one run, step by step
@@ -154,6 +185,7 @@ def _train(context: RunContext, data: Any) -> TrainResult:  # noqa: PLR0915 - on
     manifest = base_manifest(recipe.fingerprint(), recipe.train.seed, data.fingerprint, Path.cwd())
     manifest["base_model"] = recipe.model.model_dump(mode="json")
     manifest["batching"] = asdict(plan.batching)
+    manifest["layout"] = batch_layout(plan)
     if is_main:
         run_dir.start(manifest, recipe.to_yaml())
         write_json_atomic(run_dir.path / "data_report.json", data.as_dict())
@@ -195,7 +227,7 @@ def _train(context: RunContext, data: Any) -> TrainResult:  # noqa: PLR0915 - on
     global_step, processes = trainer.state.global_step, trainer.args.world_size
     if sharded and is_main and context.prompts:
         del trainer, model, save  # the sharded model goes before a whole copy comes
-        before, after = _answers_on_a_whole_copy(as_run, run_dir.path / "adapter", tokenizer, context.prompts)
+        before, after = _answers_on_a_whole_copy(plan, run_dir.path / "adapter", tokenizer, context.prompts, say)
     samples = [
         {"prompt": prompt, "before": b, "after": a}
         for prompt, b, a in zip(recipe.output.sample_prompts, before, after)
@@ -219,25 +251,43 @@ def _train(context: RunContext, data: Any) -> TrainResult:  # noqa: PLR0915 - on
     return TrainResult(run_dir.path, metrics.losses(), samples, run_dir.resume_from)
 
 
-def _answers_on_a_whole_copy(recipe: Recipe, adapter: Path, tokenizer: Any, prompts: list[list[int]]) -> tuple[list, list]:
+def _answers_on_a_whole_copy(plan: RunPlan, adapter: Path, tokenizer: Any, prompts: list[list[int]],
+                             say: Say) -> tuple[list, list]:
     """Sample answers (before: adapter off, after: on) from a whole 4-bit copy of the base on this process's device,
-    with the saved adapter: after sharded training, no process holds the whole model."""
+    with the saved adapter: after sharded training, no process holds the whole model. Skipped, with a notice, when
+    the copy cannot fit (estimated up front, or out of memory while loading): the run is complete without them."""
     import gc
 
     import torch
 
     from lora_causal.model.generation import greedy_answers
     from lora_causal.model.loading import load_base_model
+    from lora_causal.model.memory import whole_copy_fits
     from lora_causal.serving.adapters import with_adapter
 
+    recipe = plan.as_run
+    later = (f"answer them later with `lora-causal generate {adapter.parent} --prompt ...` on a machine where the base "
+             "fits whole")
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    model = with_adapter(load_base_model(recipe.model, recipe.quantization, recipe.train.seed, sharded=False), adapter)
-    tokens = recipe.output.sample_max_new_tokens
-    with model.disable_adapter():  # the base as it was before training (LoRA starts as the identity)
-        before = greedy_answers(model, tokenizer, prompts, tokens)
-    return before, greedy_answers(model, tokenizer, prompts, tokens)
+    fits, needed, free = whole_copy_fits(recipe, plan.model_config)
+    if not fits:
+        say(f"sample answers skipped: a whole 4-bit copy of the base needs about {needed / 2**30:.1f} GiB and this "
+            f"process's device has {free / 2**30:.1f} GiB free; {later}")
+        return [], []
+    try:
+        model = with_adapter(load_base_model(recipe.model, recipe.quantization, recipe.train.seed, sharded=False), adapter)
+        tokens = recipe.output.sample_max_new_tokens
+        with model.disable_adapter():  # the base as it was before training (LoRA starts as the identity)
+            before = greedy_answers(model, tokenizer, prompts, tokens)
+        return before, greedy_answers(model, tokenizer, prompts, tokens)
+    except torch.cuda.OutOfMemoryError:
+        model = None
+        gc.collect()
+        torch.cuda.empty_cache()
+        say(f"sample answers skipped: the device ran out of memory holding a whole 4-bit copy of the base; {later}")
+        return [], []
 
 
 def _merge_run(plan: RunPlan, run_dir: Path, say: Any) -> dict[str, Any]:

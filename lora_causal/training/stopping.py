@@ -1,4 +1,9 @@
-"""Ctrl-C / SIGTERM during training: finish the step, save a checkpoint and the adapter so far, exit 130 / 143."""
+"""Ctrl-C / SIGTERM during training: finish the step, save a checkpoint and the adapter so far, exit 130 / 143.
+
+With several processes the decision is agreed at every step end (the largest signal number any process got), so
+a signal that reaches one process, or lands on different sides of a step on different processes, stops them all
+after the same step; the checkpoint and the adapter are then saved by all together, and they leave together.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +51,11 @@ def graceful_stop_class() -> type:
                     signal.signal(number, handler)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
-            if self.signal_number is not None:
+            from lora_causal.core.processes import agree_max
+
+            agreed = agree_max(self.signal_number or 0)
+            if agreed:
+                self.signal_number = agreed
                 control.should_save = True
                 control.should_training_stop = True
             return control
@@ -65,6 +74,7 @@ def stop_on_signal(signal_number: int, trainer: Any, run_dir: RunDirectory, mani
     if is_main:
         run_dir.update_manifest({**manifest, "status": "interrupted", "global_step": step,
                                  "error": f"stopped by {signal.Signals(signal_number).name}"})
+    trainer.accelerator.wait_for_everyone()  # leave together: a launcher ends the others when one process exits
     raise RunInterrupted(
         f"stopped by {signal.Signals(signal_number).name} at step {step}: checkpoint {checkpoint} and the adapter so "
         f"far ({run_dir.path / 'adapter'}) are saved; run the same command again to resume",

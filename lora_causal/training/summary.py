@@ -2,9 +2,10 @@
 
 Works on a finished, a still-running and an interrupted or resumed run alike, because it reads only what the run
 has written so far: `manifest.json` (status) and `metrics.jsonl` (one JSON object per log, appended by
-`lora_causal.training.metrics.MetricsCallback`). A resumed run appends a second attempt to the same file: a log whose
-`elapsed_s` or `step` goes backwards starts a new attempt, steps logged twice keep their last record, and token
-counts and times (which restart in each attempt) are summed over attempts. The last line of a run still being
+`lora_causal.training.metrics.MetricsCallback`). A resumed run appends a second attempt to the same file: a log
+whose `attempt` differs from the previous one's (or, in older files, whose `elapsed_s` or `step` goes backwards)
+starts a new attempt, steps logged twice keep their last record, and token counts and times (which restart in
+each attempt) are summed over attempts. The last line of a run still being
 written may be cut off mid-write; that one line is skipped, any other unreadable line is an error.
 """
 
@@ -100,14 +101,18 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 def split_attempts(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Group records by training attempt: a record whose step or elapsed time goes backwards starts a new one."""
+    """Group records by training attempt: records name their attempt; in files written before they did, a record
+    whose step or elapsed time goes backwards starts a new one."""
     attempts: list[list[dict[str, Any]]] = []
     previous: dict[str, Any] | None = None
     for record in records:
-        restarted = previous is not None and (
-            record["step"] < previous["step"]
-            or record.get("elapsed_s", float("inf")) < previous.get("elapsed_s", 0.0)
-        )
+        if previous is not None and "attempt" in record and "attempt" in previous:
+            restarted = record["attempt"] != previous["attempt"]
+        else:
+            restarted = previous is not None and (
+                record["step"] < previous["step"]
+                or record.get("elapsed_s", float("inf")) < previous.get("elapsed_s", 0.0)
+            )
         if not attempts or restarted:
             attempts.append([])
         attempts[-1].append(record)

@@ -164,3 +164,20 @@ def test_inspect_exits_2_on_a_failed_check(tmp_path: Path, tiny_model_dir: Path,
     assert "check boundary failed" in captured.out  # shown in the checks section
     errors = [line for line in captured.err.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: check boundary failed: 2 of 2")
+
+
+@pytest.mark.parametrize("override", ["data.max_length=4096", "lora.target_modules=[q_proj,nope]"])
+def test_inspect_refuses_what_validate_and_train_refuse_before_tokenizing(tmp_path: Path, tiny_model_dir: Path,
+                                                                          capsys, override: str) -> None:
+    from conftest import assert_one_line_error, call_cli
+
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
+    recipe = write_recipe(tmp_path / "recipe.yaml", base_recipe(tiny_model_dir, data, tmp_path / "run"))
+    cache = tmp_path / "cache"
+    verdicts = []
+    for command in ("validate", "inspect", "train"):
+        code = call_cli([command, str(recipe), override, f"data.cache_dir={cache}"])
+        captured = capsys.readouterr()
+        verdicts.append(assert_one_line_error(code, captured.err, r"^error: (data\.max_length|lora\.target_modules): "))
+    assert verdicts[0] == verdicts[1] == verdicts[2]
+    assert not cache.exists() and not (tmp_path / "run").exists()  # refused before any data was tokenized

@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO, write_jsonl
 
 from lora_causal.core.errors import UserError
+from lora_causal.core.liveness import host_tag
 from lora_causal.core.recipe import ChecksSection, DataSection
 from lora_causal.data.cache import Entry, clear_cache
 from lora_causal.data.checks import run_checks
@@ -95,9 +96,9 @@ def test_each_key_component_misses_the_cache(tmp_path: Path, tiny_tokenizer, cha
     elif change == "mask_prompt":
         data = base.model_copy(update={"mask_prompt": False})
     else:
-        from lora_causal.data import cache
+        from lora_causal.data import cache as cache_module
 
-        monkeypatch.setattr(cache, "library_versions", lambda: {"transformers": "0.0.0-other"})
+        monkeypatch.setattr(cache_module, "library_versions", lambda: {"transformers": "0.0.0-other"})
     before = _entries(cache)
     prepare_data(data, tokenizer, 0)
     assert len(_entries(cache) - before) == 1, f"changing {change} must prepare a new entry"
@@ -144,11 +145,21 @@ def test_partial_and_damaged_entries_are_rebuilt(tmp_path: Path, tiny_tokenizer)
     shard = next(entry.glob("examples-*.arrow"))
     shard.write_bytes(shard.read_bytes()[:100])  # a cut file: its size no longer matches entry.json
     assert Entry.read(entry) is None
-    (cache / f".{key}.999999-dead.partial").mkdir()  # left by a killed process
+    dead = cache / f".{key}.{host_tag()}-{_dead_pid()}-0badc0de.partial"  # left by a killed process of this machine
+    alive = cache / f".{key}.0000beef-{os.getpid()}-0badc0de.partial"  # another machine's writer, still at work
+    dead.mkdir()
+    alive.mkdir()
     assert model_columns(prepare_data(data, tiny_tokenizer, 0).train) == expected
-    assert Entry.read(entry) is not None and not list(cache.glob(".*.partial"))
+    assert Entry.read(entry) is not None and not dead.exists() and alive.is_dir()
+    alive.rmdir()
     (entry / "entry.json").unlink()  # never completed
     assert model_columns(prepare_data(data, tiny_tokenizer, 0).train) == expected
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
 
 
 def _preparer(data_path: Path, cache: Path, tokenizer_dir: Path, num_proc: int = 1) -> subprocess.Popen[str]:
@@ -258,3 +269,21 @@ def test_cache_clear_removes_entries(tmp_path: Path, tiny_tokenizer) -> None:
     prepare_data(_data(write_jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "cache"), tiny_tokenizer, 0)
     removed, size = clear_cache(tmp_path / "cache")
     assert removed == 1 and size > 0 and not _entries(tmp_path / "cache")
+
+
+def test_hub_sources_are_keyed_by_the_resolved_commit(tmp_path: Path) -> None:
+    """datasets' builder (offline here, on a data folder) hands its hash, the resolved commit for a Hub dataset, to
+    the source's identity; the requested revision is not the key."""
+    import datasets
+
+    from lora_causal.data.sources import Source, _load_hub
+
+    folder = tmp_path / "hub-like"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", ROWS)
+    source = Source("data.train", str(folder), "train", revision="main")
+    source._hub = _load_hub(source)
+    expected = datasets.load_dataset_builder(str(folder)).hash
+    identity = source.identity()
+    assert source.commit == expected and identity["commit"] == expected and "revision" not in identity
+    assert identity["rows"] == len(ROWS)

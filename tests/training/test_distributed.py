@@ -340,3 +340,25 @@ def test_a_data_error_stops_every_process_with_one_message(tmp_path: Path, tiny_
     assert process.returncode != 0
     assert err.count("error: data.train: line 5: no 'completion' field") == 1, err[-3000:]
     assert "Traceback" not in err.split("error: data.train")[0]
+
+
+@pytest.mark.slow
+def test_a_recipe_only_one_process_refuses_is_reported_by_the_main_process(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Rank 1 alone has a typo (a machine with a stale copy of the recipe): rank 0 says what it is, in one line."""
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS * 2)
+    recipe = write_recipe(tmp_path / "recipe.yaml", base_recipe(tiny_model_dir, data, tmp_path / "run",
+                                                               train={"max_steps": 2}))
+    port = str(_free_port())
+    nodes = [
+        _launch(tmp_path / f"node{rank}", "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank",
+                str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
+                "--dynamo_backend", "no", "-m", "lora_causal", "train", str(recipe), *extra)
+        for rank, extra in ((0, []), (1, ["train.learning_rat=1e-3"]))
+    ]
+    results = [_finish(node, tmp_path / f"node{rank}") for rank, node in enumerate(nodes)]
+    assert all(node.returncode != 0 for node in nodes)
+    assert all("exitcode  : 2" in err for _, err in results), results[0][1][-2000:]
+    lines = [line for line in results[0][1].splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: process 1 of 2 refused its recipe: ") and "learning_rat" in lines[0]
+    assert "start every process with the same recipe file" in lines[0] and "error:" not in results[1][1]
+    assert not (tmp_path / "run").exists()

@@ -173,6 +173,17 @@ def test_summary_of_a_resumed_run_sums_its_attempts() -> None:
     assert (summary.eval_loss, summary.eval_step, summary.peak_mem_gib) == (4.5, 30, 0.7)
 
 
+def test_attempts_are_told_apart_by_their_id_whatever_the_timing() -> None:
+    """Stopped at step 11 (one past a log) and resumed slowly: neither step nor clock goes back, the id changes."""
+    from lora_causal.training.summary import split_attempts
+
+    first = [{"step": 10, "attempt": "a", "loss": 5.0, "elapsed_s": 5.0}]
+    second = [{"step": 20, "attempt": "b", "loss": 4.0, "elapsed_s": 21.0},
+              {"step": 30, "attempt": "b", "loss": 3.0, "elapsed_s": 22.0}]
+    assert split_attempts(first + second) == [first, second]
+    assert len(split_attempts([{k: v for k, v in r.items() if k != "attempt"} for r in first + second])) == 1
+
+
 @pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard is not installed (pip install 'lora-causal[tensorboard]')")
 def test_tensorboard_event_files_hold_the_logged_scalars(finished) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

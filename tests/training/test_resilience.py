@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QA_ROWS, REPO, base_recipe, run_cli, write_jsonl, write_recipe
+from conftest import QA_ROWS, REPO, base_recipe, call_cli, run_cli, write_jsonl, write_recipe
 
 pytestmark = pytest.mark.slow
-STEPS = 150
+STEPS = 40  # long enough that a kill or a signal at checkpoint-10 lands mid-run, short enough to rerun
 TOLERANCE = 1e-5  # resumed and uninterrupted adapters agree to float rounding (same seed, data order, RNG state)
 
 
@@ -52,6 +52,13 @@ def _wait_for_checkpoint(output: Path, step: int, process: subprocess.Popen[str]
         time.sleep(0.01)
 
 
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """A command run in this process (the interrupted runs are real processes; what follows them need not be)."""
+    code = call_cli(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def _assert_same_adapter(first: Path, second: Path) -> None:
     from safetensors.torch import load_file
 
@@ -61,28 +68,29 @@ def _assert_same_adapter(first: Path, second: Path) -> None:
         assert torch.allclose(a[name], b[name], atol=TOLERANCE), (name, (a[name] - b[name]).abs().max())
 
 
-def test_kill_9_then_rerun_ends_with_the_uninterrupted_adapter(recipe_and_reference, tmp_path: Path) -> None:
+def test_kill_9_then_rerun_ends_with_the_uninterrupted_adapter(recipe_and_reference, tmp_path: Path, capsys) -> None:
     recipe, reference = recipe_and_reference
     output = tmp_path / "run"
     process = _start(recipe, output)
-    _wait_for_checkpoint(output, 20, process)
+    _wait_for_checkpoint(output, 10, process)
     process.kill()  # SIGKILL: no handler runs, nothing is cleaned up
     process.communicate()
     manifest = json.loads((output / "manifest.json").read_text())
     assert manifest["status"] == "running" and not (output / "adapter").exists()
-    shown = run_cli("show", str(output))  # what a killed run left is still readable
-    assert shown.returncode == 0, shown.stderr
-    assert re.search(r"^  status\s+running$", shown.stdout, re.M) and "the run is still going" in shown.stdout
+    code, shown, err = _cli(capsys, "show", str(output))  # what a killed run left is still readable
+    assert code == 0, err
+    assert re.search(r"^  status\s+running$", shown, re.M) and "the run is still going" in shown
 
-    rerun = run_cli("train", str(recipe), f"output.dir={output}")
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "resuming from" in rerun.stdout
+    code, out, err = _cli(capsys, "train", str(recipe), f"output.dir={output}")
+    assert code == 0, err[-2000:]
+    assert "resuming from" in out
     assert json.loads((output / "manifest.json").read_text())["resumed_from"].startswith(str(output / "checkpoints"))
     _assert_same_adapter(output / "adapter" / "adapter_model.safetensors", reference)
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_saves_checkpoint_and_adapter_then_resumes(recipe_and_reference, tmp_path: Path, signal_number: int) -> None:
+def test_signal_saves_checkpoint_and_adapter_then_resumes(recipe_and_reference, tmp_path: Path, signal_number: int,
+                                                          capsys) -> None:
     recipe, reference = recipe_and_reference
     output = tmp_path / "run"
     process = _start(recipe, output)
@@ -102,33 +110,33 @@ def test_signal_saves_checkpoint_and_adapter_then_resumes(recipe_and_reference, 
     assert (output / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").is_file()  # saved at the stop
     assert (output / "adapter" / "adapter_model.safetensors").is_file()  # the adapter so far
     assert (output / "loss.png").is_file()  # the plot so far
-    shown = run_cli("show", str(output))
-    assert shown.returncode == 0, shown.stderr
-    assert re.search(r"^  status\s+interrupted$", shown.stdout, re.M)
-    assert re.search(rf"^  steps\s+{step} \(epoch ", shown.stdout, re.M), shown.stdout
+    code, shown, err = _cli(capsys, "show", str(output))
+    assert code == 0, err
+    assert re.search(r"^  status\s+interrupted$", shown, re.M)
+    assert re.search(rf"^  steps\s+{step} \(epoch ", shown, re.M), shown
 
-    rerun = run_cli("train", str(recipe), f"output.dir={output}", "--resume")
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"resuming from {output / 'checkpoints' / f'checkpoint-{step}'}" in rerun.stdout
+    code, out, err = _cli(capsys, "train", str(recipe), f"output.dir={output}", "--resume")
+    assert code == 0, err[-2000:]
+    assert f"resuming from {output / 'checkpoints' / f'checkpoint-{step}'}" in out
     _assert_same_adapter(output / "adapter" / "adapter_model.safetensors", reference)
     # the resumed run's summary spans both attempts and every step
-    assert re.search(rf"^  steps\s+{STEPS} \(epoch .*\), over 2 attempts$", rerun.stdout, re.M), rerun.stdout
+    assert re.search(rf"^  steps\s+{STEPS} \(epoch .*\), over 2 attempts$", out, re.M), out
 
 
-def test_a_half_written_checkpoint_is_skipped_on_resume(recipe_and_reference, tmp_path: Path) -> None:
+def test_a_half_written_checkpoint_is_skipped_on_resume(recipe_and_reference, tmp_path: Path, capsys) -> None:
     recipe, reference = recipe_and_reference
     output = tmp_path / "run"
     process = _start(recipe, output)
-    _wait_for_checkpoint(output, 20, process)
+    _wait_for_checkpoint(output, 10, process)
     process.kill()
     process.communicate()
     # as if the kill had landed in the middle of writing the next checkpoint
     partial = output / "checkpoints" / "checkpoint-999"
     partial.mkdir()
     (partial / "adapter_model.safetensors").write_bytes(b"\x00" * 10)
-    rerun = run_cli("train", str(recipe), f"output.dir={output}")
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "checkpoint-999" not in rerun.stdout and not partial.exists()
+    code, out, err = _cli(capsys, "train", str(recipe), f"output.dir={output}")
+    assert code == 0, err[-2000:]
+    assert "checkpoint-999" not in out and not partial.exists()
     _assert_same_adapter(output / "adapter" / "adapter_model.safetensors", reference)
 
 
