@@ -131,8 +131,11 @@ def share_startup_error(exc: UserError) -> None:
     raises the error. Nothing to do for a single process."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or state_if_started() is not None:
         return
-    process_state(STARTUP_ERROR_TIMEOUT_S)
-    check_same_recipe(None, str(exc))
+    state = process_state(STARTUP_ERROR_TIMEOUT_S)
+    try:
+        check_same_recipe(None, str(exc))
+    finally:
+        state.destroy_process_group()  # torn down before exit: a live group can abort the interpreter at exit
 
 
 def agree_max(value: int) -> int:
