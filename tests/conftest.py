@@ -37,22 +37,16 @@ QA_ROWS = [
 ]
 
 
-# Tests that start several training processes of their own (accelerate launch, racing preparers): under pytest-xdist
-# they run one after another on one worker, so launches never share a port or fight for the cores with each other.
-MULTI_PROCESS_MODULES = ("test_distributed.py", "test_resume_changes.py", "test_stop_agreement.py", "test_cache_races.py")
-MULTI_PROCESS_TESTS = ("test_accelerate_launch_runs_the_same_code_path",)
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` run only where CUDA is available; multi-process tests share one xdist group."""
+    """Tests marked `gpu` run only where CUDA is available."""
     import torch
 
+    if torch.cuda.is_available():
+        return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        if "gpu" in item.keywords:
             item.add_marker(skip)
-        if item.path.name in MULTI_PROCESS_MODULES or item.originalname in MULTI_PROCESS_TESTS:
-            item.add_marker(pytest.mark.xdist_group("processes"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -133,6 +127,22 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subproce
         env=env,
         timeout=timeout,
     )
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a launch's rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_command(*args: str) -> list[str]:
+    """`accelerate launch ARGS` on a rendezvous port of its own (unless ARGS name one): launches from tests running
+    side by side (pytest-xdist workers) never meet on accelerate's default port."""
+    port = [] if "--main_process_port" in args else ["--main_process_port", str(free_port())]
+    return [sys.executable, "-m", "accelerate.commands.launch", *port, *args]
 
 
 def call_cli(args: list[str]) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QA_ROWS, REPO, base_recipe, run_cli, write_jsonl, write_recipe
+from conftest import QA_ROWS, REPO, base_recipe, launch_command, run_cli, write_jsonl, write_recipe
 
 pytestmark = pytest.mark.slow
 
@@ -62,9 +62,9 @@ def test_accelerate_launch_runs_the_same_code_path(tmp_path: Path, tiny_model_di
     assert direct.returncode == 0, direct.stderr[-3000:]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     launched = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        launch_command("--num_processes", "1", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
-         "-m", "lora_causal", "train", str(recipe), f"output.dir={tmp_path / 'launched'}"],
+         "-m", "lora_causal", "train", str(recipe), f"output.dir={tmp_path / 'launched'}"),
         cwd=REPO, capture_output=True, text=True, env=env, timeout=300,
     )
     assert launched.returncode == 0, launched.stderr[-3000:]

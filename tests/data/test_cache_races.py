@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, base_recipe, run_cli, write_jsonl, write_recipe
+from conftest import REPO, base_recipe, free_port, run_cli, write_jsonl, write_recipe
 
 from lora_causal.core.liveness import pid_alive
 from lora_causal.core.recipe import DataSection
@@ -195,10 +194,6 @@ def test_kill_9_of_the_preparer_alone_then_a_rerun_prepares_and_trains(tmp_path:
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "completed"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -209,7 +204,7 @@ def test_waiters_of_a_killed_preparer_end_with_one_line(tmp_path: Path, tiny_mod
     tree = base_recipe(tiny_model_dir, data, tmp_path / "run", train={"max_steps": 1, "collective_timeout_s": 600})
     tree["data"].update(cache_dir=str(tmp_path / "cache"), num_proc=1)
     recipe = write_recipe(tmp_path / "recipe.yaml", tree)
-    port = str(_free_port())
+    port = str(free_port())
     ranks = []
     for rank in (0, 1):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",

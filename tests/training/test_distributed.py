@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import QA_ROWS, REPO, base_recipe, run_cli, write_jsonl, write_recipe
+from conftest import QA_ROWS, REPO, base_recipe, free_port, launch_command, run_cli, write_jsonl, write_recipe
 
 ACCELERATE_CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
 TOLERANCE = 1e-5  # same examples per step and token-normalised loss: equal up to float reduction order
@@ -21,7 +20,7 @@ def _launch(log: Path, *args: str) -> subprocess.Popen[str]:
     """Start a launcher writing to files (pipes could fill up and stall a process its peers wait for)."""
     with (log.with_suffix(".out")).open("w") as out, (log.with_suffix(".err")).open("w") as err:
         return subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", *args],
+            launch_command(*args),
             cwd=REPO, stdout=out, stderr=err, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
         )
@@ -32,10 +31,6 @@ def _finish(process: subprocess.Popen[str], log: Path) -> tuple[str, str]:
     return log.with_suffix(".out").read_text(), log.with_suffix(".err").read_text()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _losses(run: Path) -> list[float]:
@@ -116,7 +111,7 @@ def test_two_processes_train_each_example_once_on_uneven_data_with_accumulation(
 @pytest.mark.slow
 def test_two_nodes_on_loopback(recipe_and_single_run, tmp_path: Path) -> None:
     recipe, single = recipe_and_single_run
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [
         _launch(tmp_path / f"node{rank}", "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
                 "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
@@ -205,7 +200,7 @@ def test_processes_running_different_recipes_are_refused(tmp_path: Path, tiny_mo
     data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS * 2)
     recipe = write_recipe(tmp_path / "recipe.yaml", base_recipe(tiny_model_dir, data, tmp_path / "run",
                                                                train={"max_steps": 2}))
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [
         _launch(tmp_path / f"node{rank}", "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank",
                 str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
@@ -228,10 +223,10 @@ def test_first_runs_on_an_empty_cache_write_the_random_model_once(tmp_path: Path
         log = tmp_path / f"launch{attempt}"
         with (log.with_suffix(".out")).open("w") as out, (log.with_suffix(".err")).open("w") as err:
             process = subprocess.Popen(
-                [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                launch_command("--config_file",
                  str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"), "-m", "lora_causal", "train",
                  str(REPO / "recipes" / "demo.yaml"), "train.max_steps=1", "train.epochs=1", "output.sample_prompts=[]",
-                 "output.merge=null", f"output.dir={tmp_path / f'run{attempt}'}", "data.eval=null", "train.eval_steps=null"],
+                 "output.merge=null", f"output.dir={tmp_path / f'run{attempt}'}", "data.eval=null", "train.eval_steps=null"),
                 cwd=REPO, stdout=out, stderr=err, text=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "LORA_CAUSAL_CACHE": str(cache)},
             )
@@ -247,7 +242,7 @@ def test_fsdp2_gathers_the_adapter_alone(tmp_path: Path) -> None:
     there): the adapter is gathered weight by weight, whole and exact, without the base."""
     result = tmp_path / "result.json"
     process = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          str(REPO / "tests" / "scripts" / "fsdp2_adapter_gather.py"), str(result)],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
@@ -348,7 +343,7 @@ def test_a_recipe_only_one_process_refuses_is_reported_by_the_main_process(tmp_p
     data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS * 2)
     recipe = write_recipe(tmp_path / "recipe.yaml", base_recipe(tiny_model_dir, data, tmp_path / "run",
                                                                train={"max_steps": 2}))
-    port = str(_free_port())
+    port = str(free_port())
     nodes = [
         _launch(tmp_path / f"node{rank}", "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank",
                 str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",

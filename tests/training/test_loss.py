@@ -61,13 +61,12 @@ def test_step_loss_is_the_per_token_mean_over_micro_batches(model_type, head, tm
 
 def test_a_model_without_a_position_limit_is_not_refused_for_its_length(tmp_path: Path) -> None:
     """XLNet's config says max_position_embeddings = -1 (no limit): it used to ask for data.max_length -1 or less."""
+    from conftest import base_recipe
     from transformers import AutoConfig
 
     from lora_causal.core.errors import UserError
     from lora_causal.core.recipe import Recipe
     from lora_causal.training.preflight import check_max_length
-
-    from conftest import base_recipe
 
     recipe = Recipe.model_validate(base_recipe(tmp_path, tmp_path / "t.jsonl", tmp_path / "run"))
     check_max_length(recipe, AutoConfig.for_model("xlnet"))  # no refusal

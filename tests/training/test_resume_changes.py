@@ -6,11 +6,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import QA_ROWS, REPO, assert_one_line_error, base_recipe, run_cli, write_jsonl, write_recipe
+from conftest import (
+    QA_ROWS,
+    REPO,
+    assert_one_line_error,
+    base_recipe,
+    launch_command,
+    run_cli,
+    write_jsonl,
+    write_recipe,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -43,9 +51,9 @@ def test_resume_refuses_changed_data_and_process_count_and_continues_otherwise(t
     write_jsonl(data, QA_ROWS * 2)
     log = tmp_path / "launch"
     with log.with_suffix(".out").open("w") as out, log.with_suffix(".err").open("w") as err:
-        two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        two = subprocess.run(launch_command("--config_file",
                               str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"), "-m", "lora_causal", "train",
-                              str(recipe)], cwd=REPO, stdout=out, stderr=err, timeout=300,
+                              str(recipe)), cwd=REPO, stdout=out, stderr=err, timeout=300,
                              env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     err_text = log.with_suffix(".err").read_text()
     assert two.returncode != 0 and "exitcode  : 2" in err_text, err_text[-3000:]

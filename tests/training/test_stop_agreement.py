@@ -6,12 +6,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import QA_ROWS, REPO, base_recipe, write_jsonl, write_recipe
+from conftest import QA_ROWS, REPO, base_recipe, launch_command, write_jsonl, write_recipe
 
 
 def _descendants(pid: int) -> list[int]:
@@ -47,8 +46,8 @@ def test_a_signal_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path: 
     log = tmp_path / "launch"
     with log.with_suffix(".out").open("w") as out, log.with_suffix(".err").open("w") as err:
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-             str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"), "-m", "lora_causal", "train", str(recipe)],
+            launch_command("--config_file",
+             str(REPO / "recipes" / "accelerate" / "cpu_ddp.yaml"), "-m", "lora_causal", "train", str(recipe)),
             cwd=REPO, stdout=out, stderr=err, env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 240
