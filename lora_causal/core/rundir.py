@@ -92,13 +92,21 @@ def replace_dir_atomic(staging: Path, target: Path) -> None:
         shutil.rmtree(old)
 
 
+def staging_folder(parent: Path, prefix: str) -> Path:
+    """A new private-named folder in `parent` to fill before one rename publishes it; its mode follows the umask
+    like any folder (mkdtemp's 0700 would keep a served model or an export from other users and containers)."""
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(staging, 0o777 & ~_umask())
+    return staging
+
+
 def write_dir_atomic(target: Path, write: Callable[[Path], None]) -> None:
     """Let `write` fill a fresh staging folder beside `target`, then move it into place in one rename.
 
     If `write` fails, the staging folder is removed: nothing half-written is left beside `target`.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging = staging_folder(target.parent, f".{target.name}-")
     try:
         write(staging)
         replace_dir_atomic(staging, target)

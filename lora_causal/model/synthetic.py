@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,7 +66,9 @@ def materialize_random_model(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=target.parent))
+    from lora_causal.core.rundir import staging_folder
+
+    staging = staging_folder(target.parent, f".{digest}-")
     try:
         with torch.random.fork_rng(devices=[] if device == "cpu" else None), torch.device(device):
             torch.manual_seed(seed)
