@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -37,6 +37,7 @@ from typing import Any, Callable
 from lora_causal import __version__
 from lora_causal.core.errors import UserError
 from lora_causal.core.paths import first_missing
+from lora_causal.core.runlock import RUN_LOCK, busy, held_by_another, hold
 
 MANIFEST = "manifest.json"
 RUN_MARKER = ".lora_causal_run.json"  # {"format": RUN_FORMAT, "version": 1, ...}: this folder is a lora_causal run
@@ -211,7 +212,7 @@ def _is_ours(child: Path) -> bool:
     """An entry of a run folder that lora_causal wrote: a listed name, the temporary file or folder of one
     (an atomic write cut short), or a merged model (output.merge.dir)."""
     name = child.name
-    if name in RUN_ENTRIES or name == RUN_MARKER:
+    if name in RUN_ENTRIES or name in (RUN_MARKER, RUN_LOCK):
         return True
     if name.startswith(".") and any(name.startswith((f".{entry}.", f".{entry}-")) for entry in (*RUN_ENTRIES, RUN_MARKER)):
         return True
@@ -222,7 +223,7 @@ def remove_run_entries(folder: Path) -> list[str]:
     """Delete what lora_causal wrote in a run folder, and nothing else; return the names removed."""
     removed = []
     for child in sorted(folder.iterdir()):
-        if child.name == RUN_MARKER or not _is_ours(child):
+        if child.name in (RUN_MARKER, RUN_LOCK) or not _is_ours(child):
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
@@ -253,6 +254,7 @@ class RunDirectory:
     replace_existing: bool  # an old run is there and output.overwrite allows replacing it
     created: bool = False  # set by start() when this invocation made the folder (or found it empty)
     made: Path | None = None  # the outermost folder start() created (the run folder or a parent of it)
+    lock: int | None = field(default=None, repr=False)  # the open, flock-ed RUN_LOCK while this process writes
 
     @property
     def checkpoints(self) -> Path:
@@ -263,7 +265,9 @@ class RunDirectory:
         """Decide fresh run, resume or refusal for `folder`, without writing anything."""
         path = Path(folder)
         check_can_create(path, "output.dir")
-        if not path.exists() or not any(path.iterdir()):
+        if held_by_another(path / RUN_LOCK):
+            raise busy(path)
+        if not path.exists() or all(child.name == RUN_LOCK for child in path.iterdir()):
             return cls(path, None, False)
         if read_marker(path) is None:
             raise UserError(
@@ -300,17 +304,31 @@ class RunDirectory:
     def start(self, manifest: dict[str, Any], recipe_yaml: str) -> None:
         """Create (or clear what an old run wrote, when replacing) the folder, mark it as a run, and write the
         resolved recipe and a running manifest."""
+        self.made = first_missing(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._hold_lock()  # before anything is removed or written: a run in progress here is refused first
         if self.replace_existing:
             remove_run_entries(self.path)
-        self.made = first_missing(self.path)
-        self.created = self.made is not None or not any(self.path.iterdir())
-        self.path.mkdir(parents=True, exist_ok=True)
+        elif self.resume_from is None and read_marker(self.path) is not None:
+            raise UserError(f"output.dir: a run appeared in '{self.path}' while this one was starting (another "
+                            "process); run the same command again to resume or refuse it, or choose another output.dir")
+        self.created = self.made is not None or all(child.name == RUN_LOCK for child in self.path.iterdir())
         if self.resume_from is not None:
             remove_incomplete_checkpoints(self.checkpoints)
         write_json_atomic(self.path / RUN_MARKER, {"format": RUN_FORMAT, "version": RUN_FORMAT_VERSION,
                                                    "recipe_fingerprint": manifest.get("recipe_fingerprint")})
         write_text_atomic(self.path / "recipe.yaml", recipe_yaml)
         self.update_manifest(manifest)
+
+    def _hold_lock(self) -> None:
+        """Hold the run lock until this run ends (see lora_causal.core.runlock)."""
+        self.lock = hold(self.path / RUN_LOCK)
+
+    def release(self) -> None:
+        """Let go of the run lock (a process that runs again, in tests or scripts, must not refuse itself)."""
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
     def update_manifest(self, manifest: dict[str, Any]) -> None:
         write_json_atomic(self.path / MANIFEST, manifest)
@@ -325,6 +343,7 @@ class RunDirectory:
         try:
             remove_run_entries(self.path)
             (self.path / RUN_MARKER).unlink(missing_ok=True)
+            (self.path / RUN_LOCK).unlink(missing_ok=True)
             if self.made is not None:
                 for folder in [self.path, *self.path.parents]:
                     if any(folder.iterdir()):

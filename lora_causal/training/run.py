@@ -69,21 +69,25 @@ def run_training(recipe: Recipe, say: Say = print, require_resume: bool = False)
         plan = plan_run(recipe, Topology.of(state))  # everything knowable before weights load or a folder exists
         context, data = _prepare(plan, state, say, require_resume)
         try:
-            result = _train(context, data)
-        except Exception as exc:  # a full disk: OSError, or safetensors' own error type
-            code = disk_errno(exc)
-            if code is None:
-                raise
-            if plan.topology.is_main:
-                context.run_dir.clean_up_after_failure()
-            raise UserError(
-                f"{os.strerror(code).lower()} while writing {getattr(exc, 'filename', None) or recipe.output.dir}; free space (or "
-                "choose another output.dir) and run the same command again: it resumes from the last complete checkpoint"
-            ) from None
-        result.is_main_process = plan.topology.is_main
-        if plan.topology.is_main and recipe.output.merge is not None:
-            result.merge_report = _merge_run(plan, result.run_dir, say)
-        return result
+            try:
+                result = _train(context, data)
+            except Exception as exc:  # a full disk: OSError, or safetensors' own error type
+                code = disk_errno(exc)
+                if code is None:
+                    raise
+                if plan.topology.is_main:
+                    context.run_dir.clean_up_after_failure()
+                raise UserError(
+                    f"{os.strerror(code).lower()} while writing {getattr(exc, 'filename', None) or recipe.output.dir}; "
+                    "free space (or choose another output.dir) and run the same command again: it resumes from the "
+                    "last complete checkpoint"
+                ) from None
+            result.is_main_process = plan.topology.is_main
+            if plan.topology.is_main and recipe.output.merge is not None:
+                result.merge_report = _merge_run(plan, result.run_dir, say)
+            return result
+        finally:
+            context.run_dir.release()  # the run folder is free for the next run (of this process too)
     finally:
         if state.num_processes > 1:
             state.destroy_process_group()  # a clean teardown, not a crash when the interpreter exits

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from conftest import QA_ROWS, base_recipe, run_cli, write_jsonl, write_recipe
+from conftest import QA_ROWS, assert_one_line_error, base_recipe, call_cli, run_cli, write_jsonl, write_recipe
 
 from lora_causal.cli import main
 
@@ -193,3 +193,29 @@ def test_overrides_may_follow_options(tmp_path: Path, tiny_model_dir: Path, capf
     assert stopped.value.code == 2 and "unrecognized arguments: --bogus" in capfd.readouterr().err
     with pytest.raises(SystemExit):
         _parse(["show", "run", "x=1"])  # show takes no overrides
+
+
+def test_a_second_process_training_into_the_same_folder_is_refused(tmp_path: Path, tiny_model_dir: Path, capfd) -> None:
+    """While one process trains into output.dir (holding its run lock), another is refused in one line and writes
+    nothing there; a lock left by a killed process is no lock (the kernel drops it)."""
+    import fcntl
+    import os
+
+    from lora_causal.core.rundir import RUN_LOCK
+
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model_dir, data, run, train={"max_steps": 1}))
+    run.mkdir()
+    holder = os.open(run / RUN_LOCK, os.O_CREAT | os.O_RDWR)  # another process's hold on the folder
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        capfd.readouterr()
+        code = call_cli(["train", str(recipe)])
+        out, err = capfd.readouterr()
+        assert_one_line_error(code, err, r"another lora-causal process is training into .* right now", out)
+        assert sorted(p.name for p in run.iterdir()) == [RUN_LOCK]
+    finally:
+        os.close(holder)  # as when that process ends, however it ends
+    assert call_cli(["train", str(recipe)]) == 0, capfd.readouterr().err[-2000:]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()

@@ -84,12 +84,12 @@ def test_run_directory_holds_adapter_recipe_manifest_and_metrics(tmp_path: Path,
     result = run_training(recipe, say=lambda *_: None)
     run = result.run_dir
     assert sorted(p.name for p in run.iterdir()) == [
-        ".lora_causal_run.json", "adapter", "checkpoints", "data_report.json", "loss.png", "manifest.json",
+        ".lora_causal_run.json", ".lora_causal_run.lock", "adapter", "checkpoints", "data_report.json", "loss.png", "manifest.json",
         "metrics.jsonl", "recipe.yaml", "samples.json",
     ]
     from lora_causal.core.rundir import RUN_ENTRIES  # everything the run wrote is something overwrite may remove
 
-    assert {p.name for p in run.iterdir()} - {".lora_causal_run.json"} <= set(RUN_ENTRIES)
+    assert {p.name for p in run.iterdir()} - {".lora_causal_run.json", ".lora_causal_run.lock"} <= set(RUN_ENTRIES)
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "adapter" / "tokenizer.json").is_file()
     manifest = json.loads((run / "manifest.json").read_text())
