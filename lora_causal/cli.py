@@ -25,8 +25,15 @@ def _cache_clear(folder: str | None) -> None:
         raise UserError("--dir: give the cache folder, or leave --dir out for the default one")
     target = expand(folder, "--dir") if folder else default_cache_dir()
     check_can_create(target, "--dir", "folder")
+    if folder and not target.is_dir():
+        raise UserError(f"--dir: '{target}' is not a folder; give the data cache folder (data.cache_dir, or "
+                        "$LORA_CAUSAL_CACHE/data), or leave --dir out for the default one")
     removed, size = clear_cache(target)
-    print(f"removed {removed} prepared datasets ({size / 2**20:.1f} MiB) from {target}")
+    if folder and (target / "data").is_dir():  # $LORA_CAUSAL_CACHE given: its prepared data lives in data/
+        target = target / "data"
+        more, more_size = clear_cache(target)
+        removed, size = removed + more, size + more_size
+    print(f"removed {removed} prepared dataset{'' if removed == 1 else 's'} ({size / 2**20:.1f} MiB) from {target}")
 
 
 def _quiet_libraries() -> None:
@@ -314,8 +321,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say_once(f"error: {os.strerror(code).lower()} while writing weights; free space or choose another output "
                   "folder\n")
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted; run the same command again to resume from the last checkpoint\n")
+    except KeyboardInterrupt:  # a running trainer saves on a signal and says so itself; this is everything else
+        resume = ("; run the same command again: it resumes from the last complete checkpoint if the run has one, "
+                  "else starts afresh") if args.command == "train" else ""
+        sys.stderr.write(f"interrupted{resume}\n")
         return 130
     return 0
 

@@ -149,6 +149,8 @@ class RowTokenizer:
 
     def _field(self, location: str, row: dict, name: str, optional: bool = False, required_text: bool = False) -> str:
         column = self.columns[name]
+        if column in row and row[column] is None and not optional:
+            raise UserError(f"{self.where}: {location}: '{column}' is null; give it text or remove the row")
         if column not in row or row[column] is None:
             if optional:
                 return ""

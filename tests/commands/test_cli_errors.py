@@ -101,6 +101,7 @@ CASES: dict[str, Case] = {
         r"data\.train: line 2: no 'prompt' field .*data\.train\.columns",
     ),
     "wrong field type": _data_case('{"prompt": "a", "completion": 3}\n', r"line 1: 'completion' must be text, got int"),
+    "null field": _data_case('{"prompt": "a", "completion": null}\n', r"line 1: 'completion' is null; give it text or remove the row"),
     "empty dataset": _data_case("\n\n", r"data\.train: the dataset has no rows"),
     "zero targets after truncation": _data_case(
         json.dumps({"prompt": "Q: What color is the sky? " * 30, "completion": " blue."}) + "\n",

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import QA_ROWS, base_recipe, call_cli, write_jsonl, write_recipe
+from conftest import QA_ROWS, assert_one_line_error, base_recipe, call_cli, write_jsonl, write_recipe
 
 MARKER = {"format": "lora_causal-run", "version": 1}
 
@@ -587,6 +587,22 @@ def test_cache_clear_removes_cache_entries_and_nothing_else(tmp_path: Path, capf
     (cache / "photos" / "cat.jpg").write_text("meow")
     (cache / "notes.txt").write_text("mine")
     assert call_cli(["cache", "clear", "--dir", str(cache)]) == 0
-    assert "removed 1 prepared datasets" in capfd.readouterr().out
+    assert "removed 1 prepared dataset (" in capfd.readouterr().out
     assert sorted(p.name for p in cache.iterdir()) == ["notes.txt", "photos"]
     assert (cache / "photos" / "cat.jpg").read_text() == "meow"
+
+
+def test_cache_clear_finds_the_data_folder_of_lora_causal_cache_and_refuses_a_missing_folder(tmp_path: Path, capfd) -> None:
+    """$LORA_CAUSAL_CACHE holds the prepared data in data/: giving the variable's folder clears that, not nothing;
+    a folder that is not there is a typo, not 'removed 0'."""
+    key = "0123456789abcdef" * 2
+    entry = tmp_path / "root" / "data" / key
+    entry.mkdir(parents=True)
+    (entry / "entry.json").write_text("{}")
+    capfd.readouterr()
+    assert call_cli(["cache", "clear", "--dir", str(tmp_path / "root")]) == 0
+    assert f"removed 1 prepared dataset (0.0 MiB) from {tmp_path / 'root' / 'data'}" in capfd.readouterr().out
+    assert not entry.exists()
+    code = call_cli(["cache", "clear", "--dir", str(tmp_path / "nowhere")])
+    out, err = capfd.readouterr()
+    assert_one_line_error(code, err, r"--dir: '.*nowhere' is not a folder; give the data cache folder", out)
