@@ -116,7 +116,12 @@ def adapter_facts(path: str, base_model: str | None = None) -> AdapterFacts:
     folder = expand(path, "ADAPTER_OR_RECIPE")
     if not folder.exists():
         raise UserError(f"'{folder}' does not exist; give a run directory, an adapter folder or a recipe file")
+    run_base = None
     if is_run_dir(folder):
+        if base_model is None:  # the weights the run trained on: a random-init base lives in the weights cache
+            from lora_causal.serving.adapters import locate_adapter, weights_folder
+
+            run_base = weights_folder(locate_adapter(str(folder)))
         folder = folder / "adapter"
     if not (folder / "adapter_config.json").is_file():
         raise UserError(f"'{folder}' holds no adapter_config.json, so it is not a LoRA adapter; give a run directory, "
@@ -128,7 +133,7 @@ def adapter_facts(path: str, base_model: str | None = None) -> AdapterFacts:
     if not weights.is_file():
         raise UserError(f"'{folder}' has no adapter_model.safetensors; the serving engines read safetensors adapters")
     recorded = config.get("base_model_name_or_path")
-    base = base_model or (_recorded_base(folder, recorded) if isinstance(recorded, str) and recorded else None)
+    base = base_model or run_base or (_recorded_base(folder, recorded) if isinstance(recorded, str) and recorded else None)
     base_config, problem = _base_config(base)
     added: dict[str, int] = {}
     if (folder / "added_tokens.json").is_file():

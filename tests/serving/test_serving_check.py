@@ -140,3 +140,26 @@ def test_bad_input_is_one_line(tmp_path: Path, adapters: dict[str, Path], capsys
         code = call_cli(args)
         captured = capsys.readouterr()
         assert_one_line_error(code, captured.err, pattern, captured.out)
+
+
+def test_a_random_init_run_is_served_from_its_generated_weights(tmp_path: Path, tiny_model_dir: Path, capfd) -> None:
+    """A base given as a config alone (model.init: random) has no weights in its folder: the server command of the
+    run names the folder that holds the weights it trained on, not the config folder."""
+    import shutil
+
+    from conftest import call_cli
+
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (tiny_model_dir / name).is_file():
+            shutil.copy(tiny_model_dir / name, config_only / name)
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
+    tree = base_recipe(config_only, data, tmp_path / "run", train={"max_steps": 1})
+    tree["model"]["init"] = "random"
+    assert call_cli(["train", str(write_recipe(tmp_path / "r.yaml", tree))]) == 0, capfd.readouterr().err[-2000:]
+    capfd.readouterr()
+    assert call_cli(["check-serving", str(tmp_path / "run"), "--engine", "vllm"]) == 0
+    out = capfd.readouterr().out
+    command = next(line for line in out.splitlines() if "vllm serve" in line)
+    assert "random-init" in command and str(config_only) not in command, out
