@@ -204,8 +204,11 @@ def _run_shards(tasks: list[tuple[int, int, int, str]], processes: int, row_toke
 
     arguments = (row_tokenizer, data, str(staging / "rows.arrow"), source.file_names)
     # a context manager: an error in the middle of the rows still ends the progress line before it is reported
-    with tqdm(total=rows, desc=f"tokenizing {source.where}", unit="rows", disable=rows < PROGRESS_FROM_ROWS,
-              file=sys.stderr) as progress:
+    live = rows >= PROGRESS_FROM_ROWS and sys.stderr.isatty()  # a bar redraws: only on a terminal
+    if rows >= PROGRESS_FROM_ROWS and not live:
+        print(f"tokenizing {source.where}: {rows:,} rows in {processes} process{'es' if processes > 1 else ''}",
+              file=sys.stderr, flush=True)
+    with tqdm(total=rows, desc=f"tokenizing {source.where}", unit="rows", disable=not live, file=sys.stderr) as progress:
         if processes == 1:
             _init_worker(*arguments, None)
             results = []

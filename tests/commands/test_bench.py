@@ -44,15 +44,28 @@ def test_peak_flops_tell_sxm_from_pcie() -> None:
     assert peak_tflops("Tesla T4") is None
 
 
+ARMS = ("stock", "lora_causal", "lora_causal+padded", "lora_causal+packed_sdpa", "lora_causal+no_checkpointing")
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """One CPU bench of every lever arm against stock (each arm in its own process), shared by the tests below."""
+    out = tmp_path_factory.mktemp("bench")
+    report = run_bench("tiny", out, arms=ARMS, steps=4, warmup=1, micro_batch=2, median=64, max_length=128,
+                       say=lambda *_: None, profile=True)
+    return report, out
+
+
 @pytest.mark.slow
-def test_cpu_smoke_run_reports_and_both_arms_see_the_same_tokens(tmp_path: Path) -> None:
-    report = run_bench("tiny", tmp_path, steps=4, warmup=1, micro_batch=2, median=64, max_length=128, say=lambda *_: None)
-    assert {p.name for p in tmp_path.iterdir()} >= {"bench.json", "bench.md", "bench.png"}
-    saved = json.loads((tmp_path / "bench.json").read_text())
+def test_cpu_smoke_run_reports_and_both_arms_see_the_same_tokens(tiny_bench) -> None:
+    report, out = tiny_bench
+    assert {p.name for p in out.iterdir()} >= {"bench.json", "bench.md", "bench.png"}
+    saved = json.loads((out / "bench.json").read_text())
     assert saved["shape"] == "tiny" and saved["date"] and saved["hardware"]["cpu_count"] >= 1
     assert {"torch", "transformers", "trl", "peft", "bitsandbytes"} <= set(saved["versions"])
-    stock, ours = report["arms"]
-    assert stock["arm"] == "stock" and ours["arm"] == "lora_causal" and stock["ok"] and ours["ok"]
+    arms = {arm["arm"]: arm for arm in report["arms"]}
+    stock, ours = arms["stock"], arms["lora_causal"]
+    assert stock["ok"] and ours["ok"]
     for arm in (stock, ours):
         assert arm["tokens_per_s"] > 0 and arm["supervised_tokens_per_s"] > 0 and arm["step_s"] > 0
         assert arm["peak_rss_gib"] > 0 and arm["load_s"] > 0 and arm["measured_steps"] == 3
@@ -65,32 +78,32 @@ def test_cpu_smoke_run_reports_and_both_arms_see_the_same_tokens(tmp_path: Path)
     speedup = report["speedup_vs_stock"]
     assert speedup["stock"] == 1.0  # the ratio of each arm's measured tokens/s to stock's, not just any positive number
     assert speedup["lora_causal"] == pytest.approx(ours["tokens_per_s"] / stock["tokens_per_s"], abs=1e-3)
-    assert "| lora_causal |" in (tmp_path / "bench.md").read_text()
-    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| lora_causal |" in (out / "bench.md").read_text()
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.slow
-def test_lever_arms_train_the_same_tokens_as_stock(tmp_path: Path) -> None:
-    arms = ("stock", "lora_causal+padded", "lora_causal+packed_sdpa", "lora_causal+no_checkpointing")
-    report = run_bench("tiny", tmp_path, arms=arms, steps=3, warmup=1, micro_batch=2, median=64, max_length=128,
-                       say=lambda *_: None, profile=True)
-    assert [arm["arm"] for arm in report["arms"]] == list(arms) and all(arm["ok"] for arm in report["arms"])
+def test_lever_arms_train_the_same_tokens_as_stock(tiny_bench) -> None:
+    report, out = tiny_bench
+    assert [arm["arm"] for arm in report["arms"]] == list(ARMS) and all(arm["ok"] for arm in report["arms"])
     assert report["same_tokens"] is True
-    padded, packed = report["arms"][:2], report["arms"][2:]
+    arms = {arm["arm"]: arm for arm in report["arms"]}
+    padded = [arms["stock"], arms["lora_causal+padded"]]
+    packed = [arms["lora_causal+packed_sdpa"], arms["lora_causal+no_checkpointing"]]
     assert all(arm["padding_share"] == 0.0 for arm in packed) and all(arm["padding_share"] > 0 for arm in padded)
-    assert "sdpa, block-diagonal mask" in report["arms"][2]["batching"]
-    for arm in arms:  # the last warm-up step of each arm, profiled
-        table = (tmp_path / f"profile-{arm}.txt").read_text()
+    assert "sdpa, block-diagonal mask" in arms["lora_causal+packed_sdpa"]["batching"]
+    for arm in ARMS:  # the last warm-up step of each arm, profiled
+        table = (out / f"profile-{arm}.txt").read_text()
         assert f"{arm}, tiny, step 0:" in table and "Self CPU" in table and "aten::" in table
-    first = report["arms"][0]["first_losses"][0]
+    first = arms["stock"]["first_losses"][0]
     assert all(arm["first_losses"][0] == pytest.approx(first, abs=1e-3) for arm in packed)  # exact packing
 
 
 @pytest.mark.slow
 def test_max_context_bisects_under_a_memory_cap(tmp_path: Path) -> None:
-    roomy = run_max_context("tiny", tmp_path / "roomy", cap_gib=100.0, arms=("lora_causal",), high=768, say=lambda *_: None)
-    assert roomy["arms"]["lora_causal"]["longest"] == 768
-    assert [p["length"] for p in roomy["arms"]["lora_causal"]["probes"]] == [256, 512, 768]
+    roomy = run_max_context("tiny", tmp_path / "roomy", cap_gib=100.0, arms=("lora_causal",), high=512, say=lambda *_: None)
+    assert roomy["arms"]["lora_causal"]["longest"] == 512  # doubled up to the highest length asked for
+    assert [p["length"] for p in roomy["arms"]["lora_causal"]["probes"]] == [256, 512]
     probed = run_max_context("tiny", tmp_path / "probed", cap_gib=100.0, arms=("lora_causal",), lengths=[300, 700],
                              say=lambda *_: None)
     assert probed["arms"]["lora_causal"]["longest"] == 700
