@@ -59,6 +59,10 @@ def _validate(recipe_path: str, overrides: Sequence[str], serving: Sequence[str]
     from lora_causal.training.preflight import plan_run
     from lora_causal.training.trainer import describe_configs
 
+    if serving:  # the engines are named right before anything is read or printed
+        from lora_causal.serving.check import parse_engines
+
+        engines = parse_engines(list(serving))
     recipe = load_recipe(recipe_path, overrides)
     plan = plan_run(recipe)
     configs = describe_configs(recipe)
@@ -69,9 +73,9 @@ def _validate(recipe_path: str, overrides: Sequence[str], serving: Sequence[str]
     print(f"# {plan.batching.line()}")
     print(f"# recipe is valid (fingerprint {recipe.fingerprint()})")
     if serving:
-        from lora_causal.serving.check import check_serving, format_results, parse_engines
+        from lora_causal.serving.check import check_serving, format_results
 
-        facts, results = check_serving(recipe_path, parse_engines(list(serving)), overrides)
+        facts, results = check_serving(recipe_path, engines, overrides)
         print("\n".join(f"# {line}" for line in format_results(facts, results).splitlines()))
         return 0 if all(result.ok for result in results) else 1
     return 0

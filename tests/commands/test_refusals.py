@@ -213,6 +213,7 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "yaml: duplicate key, inspect": lambda c: Case(["inspect", c.recipe(_duplicate_section(c))], r"key 'train' appears twice"),
     "yaml: nested 100000 deep": lambda c: Case(["validate", c.recipe(_yaml_nested(100_000))], r"nested more than 64 levels deep"),
     "yaml: nested 65 deep": lambda c: Case(["validate", c.recipe(_yaml_nested(65))], r"nested more than 64 levels deep"),
+    "validate --serving: unknown engine": lambda c: Case(["validate", c.recipe(), "--serving", "bogus"], r"--engine: unknown engine .bogus."),
     "yaml: nested override": lambda c: Case(["validate", c.recipe(), f"lora.r={_nested(5000)}"], r"nested more than 64 levels deep"),
     "yaml: nested mapping override": lambda c: Case(["train", c.recipe(), "x=" + "{a: " * 200 + "1" + "}" * 200],
                                                     r"nested more than 64 levels deep"),
