@@ -62,6 +62,7 @@ def test_every_architecture_is_classified_and_the_table_is_printed(capsys: pytes
     assert not set(TABLE) - set(ARCHITECTURES), "the table names architectures transformers no longer ships"
 
 
+@pytest.mark.slow  # about two minutes for all of them on 2 cores: in the full suite, not the inner loop
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_the_default_plan_is_exact(model_type: str) -> None:  # noqa: PLR0912
     import torch
