@@ -207,7 +207,7 @@ def _run_shards(tasks: list[tuple[int, int, int, str]], processes: int, row_toke
     live = rows >= PROGRESS_FROM_ROWS and sys.stderr.isatty()  # a bar redraws: only on a terminal
     if rows >= PROGRESS_FROM_ROWS and not live:
         print(f"tokenizing {source.where}: {rows:,} rows in {processes} process{'es' if processes > 1 else ''}",
-              file=sys.stderr, flush=True)
+              flush=True)  # progress, not a problem: stdout (stderr holds one line per error)
     with tqdm(total=rows, desc=f"tokenizing {source.where}", unit="rows", disable=not live, file=sys.stderr) as progress:
         if processes == 1:
             _init_worker(*arguments, None)

@@ -158,6 +158,6 @@ def test_a_bad_row_deep_in_a_large_file_is_reported_on_its_own_line(tmp_path: Pa
     capfd.readouterr()
     code = call_cli(["train", str(recipe)])
     out, err = capfd.readouterr()
-    assert "tokenizing data.train" in err  # the progress bar was there
+    assert "tokenizing data.train: 2,501 rows" in out  # progress was shown: off a terminal, one line on stdout
     assert_one_line_error(code, err, r"data\.train: line 2501: no 'completion' field", out, after_progress=True)
     assert not (tmp_path / "run").exists()
