@@ -33,6 +33,20 @@ def _finish(process: subprocess.Popen[str], log: Path) -> tuple[str, str]:
 
 
 
+def _two_nodes(tmp_path: Path, recipe: Path, rank0: list[str], rank1: list[str]
+               ) -> tuple[list[subprocess.Popen[str]], list[tuple[str, str]]]:
+    """Two "machines" of one process each on loopback (accelerate's multi-node launch), each with its own overrides;
+    the launchers and their (stdout, stderr), once both end."""
+    port = str(free_port())
+    nodes = [
+        _launch(tmp_path / f"node{rank}", "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank",
+                str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
+                "--dynamo_backend", "no", "-m", "lora_causal", "train", str(recipe), *extra)
+        for rank, extra in ((0, rank0), (1, rank1))
+    ]
+    return nodes, [_finish(node, tmp_path / f"node{rank}") for rank, node in enumerate(nodes)]
+
+
 def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
 
@@ -111,14 +125,7 @@ def test_two_processes_train_each_example_once_on_uneven_data_with_accumulation(
 @pytest.mark.slow
 def test_two_nodes_on_loopback(recipe_and_single_run, tmp_path: Path) -> None:
     recipe, single = recipe_and_single_run
-    port = str(free_port())
-    nodes = [
-        _launch(tmp_path / f"node{rank}", "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank", str(rank),
-                "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
-                "--dynamo_backend", "no", "-m", "lora_causal", "train", str(recipe), f"output.dir={tmp_path / 'nodes'}")
-        for rank in (0, 1)
-    ]
-    results = [_finish(node, tmp_path / f"node{rank}") for rank, node in enumerate(nodes)]
+    nodes, results = _two_nodes(tmp_path, recipe, [f"output.dir={tmp_path / 'nodes'}"], [f"output.dir={tmp_path / 'nodes'}"])
     for node, (_, err) in zip(nodes, results):
         assert node.returncode == 0, err[-3000:]
     assert results[0][0].count("adapter saved to") == 1 and "adapter saved to" not in results[1][0]
@@ -200,14 +207,7 @@ def test_processes_running_different_recipes_are_refused(tmp_path: Path, tiny_mo
     data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS * 2)
     recipe = write_recipe(tmp_path / "recipe.yaml", base_recipe(tiny_model_dir, data, tmp_path / "run",
                                                                train={"max_steps": 2}))
-    port = str(free_port())
-    nodes = [
-        _launch(tmp_path / f"node{rank}", "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank",
-                str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
-                "--dynamo_backend", "no", "-m", "lora_causal", "train", str(recipe), f"train.learning_rate={lr}")
-        for rank, lr in ((0, "1e-4"), (1, "1e-3"))
-    ]
-    results = [_finish(node, tmp_path / f"node{rank}") for rank, node in enumerate(nodes)]
+    nodes, results = _two_nodes(tmp_path, recipe, ["train.learning_rate=1e-4"], ["train.learning_rate=1e-3"])
     assert all(node.returncode != 0 for node in nodes)
     assert all("exitcode  : 2" in err for _, err in results)  # both processes refused, with the usage status
     assert "error: process 1 runs a recipe with fingerprint" in results[0][1] and "error:" not in results[1][1]
@@ -343,14 +343,7 @@ def test_a_recipe_only_one_process_refuses_is_reported_by_the_main_process(tmp_p
     data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS * 2)
     recipe = write_recipe(tmp_path / "recipe.yaml", base_recipe(tiny_model_dir, data, tmp_path / "run",
                                                                train={"max_steps": 2}))
-    port = str(free_port())
-    nodes = [
-        _launch(tmp_path / f"node{rank}", "--multi_gpu", "--num_machines", "2", "--num_processes", "2", "--machine_rank",
-                str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no",
-                "--dynamo_backend", "no", "-m", "lora_causal", "train", str(recipe), *extra)
-        for rank, extra in ((0, []), (1, ["train.learning_rat=1e-3"]))
-    ]
-    results = [_finish(node, tmp_path / f"node{rank}") for rank, node in enumerate(nodes)]
+    nodes, results = _two_nodes(tmp_path, recipe, [], ["train.learning_rat=1e-3"])
     assert all(node.returncode != 0 for node in nodes)
     assert all("exitcode  : 2" in err for _, err in results), results[0][1][-2000:]
     lines = [line for line in results[0][1].splitlines() if line.startswith("error:")]
