@@ -135,7 +135,8 @@ def histogram_rows(lengths: list[int], bins: int = 10, width: int = 40) -> list[
     for bucket in range(0, (high - low) // step + 1):
         start = low + bucket * step
         count = counts.get(bucket, 0)
-        rows.append((f"{start}-{start + step - 1}", count, "█" * max(1 if count else 0, round(width * count / peak))))
+        end = min(start + step - 1, high)  # the last bin ends at the longest length, not past it
+        rows.append((f"{start}-{end}", count, "█" * max(1 if count else 0, round(width * count / peak))))
     return rows
 
 

@@ -181,3 +181,13 @@ def test_inspect_refuses_what_validate_and_train_refuse_before_tokenizing(tmp_pa
         verdicts.append(assert_one_line_error(code, captured.err, r"^error: (data\.max_length|lora\.target_modules): "))
     assert verdicts[0] == verdicts[1] == verdicts[2]
     assert not cache.exists() and not (tmp_path / "run").exists()  # refused before any data was tokenized
+
+
+def test_histogram_bins_cover_the_lengths_and_end_at_the_longest() -> None:
+    from lora_causal.commands.inspection import histogram_rows
+
+    rows = histogram_rows([5, 6, 17, 64], bins=10)
+    labels = [label for label, _, _ in rows]
+    assert labels[0].startswith("5-") and labels[-1].endswith("-64")  # not 60-65 when nothing is longer than 64
+    assert sum(count for _, count, _ in rows) == 4
+    assert histogram_rows([7]) == [("7-7", 1, "█" * 40)]
