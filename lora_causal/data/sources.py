@@ -155,16 +155,24 @@ def _local_files(path: Path, where: str) -> list[Path]:
 
 
 def _jsonl_rows(file: Path, where: str) -> Iterator[tuple[str, str]]:
-    """Lines as they are (parsed by the tokenizing processes); blank lines are skipped."""
-    with file.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    """Lines as they are (parsed by the tokenizing processes); blank lines are skipped, a byte-order mark (as some
+    editors write) is dropped, and a line that is not UTF-8 is named."""
+    with file.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{where}: {file.name} line {number} is not UTF-8 text; save the file as UTF-8 (or is it "
+                                "a binary file?)") from None
             if line.strip():
                 yield f"line {number}", line
 
 
 def _json_rows(file: Path, where: str) -> Iterator[tuple[str, str]]:
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(file.read_text(encoding="utf-8-sig"))  # a byte-order mark is dropped
     except json.JSONDecodeError as exc:
         raise UserError(f"{where}: {file.name} line {exc.lineno}: not valid JSON ({exc.msg})") from None
     except RecursionError:

@@ -287,3 +287,20 @@ def test_hub_sources_are_keyed_by_the_resolved_commit(tmp_path: Path) -> None:
     identity = source.identity()
     assert source.commit == expected and identity["commit"] == expected and "revision" not in identity
     assert identity["rows"] == len(ROWS)
+
+
+def test_a_byte_order_mark_is_read_past_and_a_line_that_is_not_utf8_is_named(tmp_path: Path, tiny_tokenizer) -> None:
+    """Editors that write a UTF-8 byte-order mark are common; a latin-1 line among UTF-8 ones is named by its line."""
+    lines = [json.dumps(row) for row in ROWS[:3]]
+    for suffix, text in (("jsonl", "\n".join(lines) + "\n"), ("json", "[" + ", ".join(lines) + "]")):
+        path = tmp_path / f"bom.{suffix}"
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+        plain = tmp_path / f"plain.{suffix}"
+        plain.write_text(text, encoding="utf-8")
+        with_bom = prepare_data(_data(path, tmp_path / f"cache-{suffix}"), tiny_tokenizer, 0)
+        without = prepare_data(_data(plain, tmp_path / f"cache-plain-{suffix}"), tiny_tokenizer, 0)
+        assert model_columns(with_bom.train) == model_columns(without.train) and len(with_bom.train) == 3
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes((lines[0] + "\n").encode() + '{"prompt": "caf\xe9", "completion": " x"}\n'.encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin\.jsonl line 2 is not UTF-8 text; save the file as UTF-8"):
+        prepare_data(_data(latin, tmp_path / "cache-latin"), tiny_tokenizer, 0)
