@@ -77,6 +77,9 @@ def prepare_source(source: Source, settings: DataSource | EvalSection, fmt: str,
             if entry is not None:  # published between the first look and the lock
                 return entry
             remove_dead_partials(cache, key)
+            if data.cache and (target / "entry.json").exists():  # there, but its sizes or digests do not match
+                say(f"the prepared entry of {source.where} in {cache} is damaged (a file's size or digest differs); "
+                    "preparing it again")
             staging = staging_folder(cache, key)
             staging.mkdir()
             try:

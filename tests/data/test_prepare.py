@@ -149,7 +149,9 @@ def test_partial_and_damaged_entries_are_rebuilt(tmp_path: Path, tiny_tokenizer)
     alive = cache / f".{key}.0000beef-{os.getpid()}-0badc0de.partial"  # another machine's writer, still at work
     dead.mkdir()
     alive.mkdir()
-    assert model_columns(prepare_data(data, tiny_tokenizer, 0).train) == expected
+    said: list[str] = []
+    assert model_columns(prepare_data(data, tiny_tokenizer, 0, say=said.append).train) == expected
+    assert any("is damaged" in line and "preparing it again" in line for line in said), said  # not silently
     assert Entry.read(entry) is not None and not dead.exists() and alive.is_dir()
     alive.rmdir()
     (entry / "entry.json").unlink()  # never completed
