@@ -39,6 +39,7 @@ def check_before_loading(recipe: Recipe) -> Any:
     check_max_length(recipe, config)
     check_lora_targets(recipe, build_skeleton(config, recipe.model.trust_remote_code, recipe.model.name_or_path,
                                               "model.name_or_path"))
+    check_mamba(recipe, config)
     return config
 
 
@@ -72,6 +73,34 @@ def _matches(key: str, target: str) -> bool:
 def _listed(names: list[str]) -> str:
     shown = ", ".join(names[:MAX_LISTED_NAMES])
     return shown + (f" and {len(names) - MAX_LISTED_NAMES} more" if len(names) > MAX_LISTED_NAMES else "")
+
+
+# peft refuses LoRA on these modules of Mamba-based models, but only once the weights are loaded
+# (peft/tuners/tuners_utils.py, _check_lora_target_modules_mamba): refused here, before anything loads
+MAMBA_MODEL_TYPES = ("falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h")
+MAMBA_NO_LORA = ("out_proj", "conv1d")
+# transformers multiplies these models' dt_proj weight directly (modeling_mamba.py, modeling_falcon_mamba.py:
+# `self.dt_proj.weight @ ...`), which a 4- or 8-bit packed weight cannot do
+DT_PROJ_MODEL_TYPES = ("mamba", "falcon_mamba")
+
+
+def check_mamba(recipe: Recipe, config: Any) -> None:
+    """What Mamba-based models cannot do with LoRA or quantization, refused before any weights load."""
+    model_type = getattr(config, "model_type", "")
+    if model_type in DT_PROJ_MODEL_TYPES and recipe.quantization.mode != "none":
+        raise UserError(f"quantization.mode: {recipe.quantization.mode} cannot load {model_type}: its dt_proj weight is "
+                        "multiplied directly, which a quantized weight cannot be; set quantization.mode: none")
+    if model_type not in MAMBA_MODEL_TYPES:
+        return
+    targets = recipe.lora.target_modules
+    if targets == "all-linear":
+        raise UserError(f"lora.target_modules: all-linear would put LoRA on {' and '.join(MAMBA_NO_LORA)} of {model_type}, "
+                        "which peft refuses for Mamba-based models; list the layers to adapt, e.g. "
+                        "[in_proj, x_proj] (and q_proj, k_proj, v_proj where the model has attention)")
+    bad = sorted({target.rsplit(".", 1)[-1] for target in targets} & set(MAMBA_NO_LORA))
+    if bad:
+        raise UserError(f"lora.target_modules: {', '.join(bad)} of {model_type} cannot take LoRA (peft refuses them for "
+                        "Mamba-based models); remove them from the list")
 
 
 def check_lora_targets(recipe: Recipe, skeleton: Any) -> None:
