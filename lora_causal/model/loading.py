@@ -133,7 +133,8 @@ def load_base_model(
 
         # one process draws and saves (transformers writes only on global rank 0 once a process group exists); the
         # others, on every machine, wait for the folder: with several machines the cache must be shared
-        weights = str(materialize_random_model(Path(weights), seed=seed, writer=speaks()))
+        weights = str(materialize_random_model(Path(weights), seed=seed, writer=speaks(),
+                                               trust_remote_code=section.trust_remote_code))
     else:
         _check_local(weights, "model.name_or_path")
     kwargs: dict[str, Any] = {

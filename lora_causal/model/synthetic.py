@@ -33,7 +33,8 @@ def cache_root() -> Path:
 
 
 def materialize_random_model(
-    config_dir: Path, seed: int, root: Path | None = None, device: str = "cpu", writer: bool = True
+    config_dir: Path, seed: int, root: Path | None = None, device: str = "cpu", writer: bool = True,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Save random weights for `config_dir/config.json` (seeded) once, and return the folder holding them.
 
@@ -59,7 +60,7 @@ def materialize_random_model(
                  "LORA_CAUSAL_CACHE must be a folder they share)", timeout_s=1800)
         return target
     try:
-        config = AutoConfig.from_pretrained(config_dir)
+        config = AutoConfig.from_pretrained(config_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read '{config_file}': {exc}") from None
     dtype = getattr(config, "dtype", None) or torch.float32
@@ -72,7 +73,7 @@ def materialize_random_model(
     try:
         with torch.random.fork_rng(devices=[] if device == "cpu" else None), torch.device(device):
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         model.save_pretrained(staging)
         try:
             staging.rename(target)

@@ -94,7 +94,8 @@ def weights_folder(source: AdapterSource) -> str:
     if source.model.init == "random":
         from lora_causal.model.synthetic import materialize_random_model
 
-        return str(materialize_random_model(Path(source.model.name_or_path), seed=source.seed))
+        return str(materialize_random_model(Path(source.model.name_or_path), seed=source.seed,
+                                            trust_remote_code=source.model.trust_remote_code))
     return source.model.name_or_path
 
 

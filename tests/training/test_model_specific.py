@@ -1,4 +1,5 @@
-"""Mamba-based models: what peft and a quantized dt_proj cannot do is refused before any weights load."""
+"""Models with needs of their own: Mamba-based ones (what peft and a quantized dt_proj cannot do, refused before any
+weights load) and random weights for a config shipped as Python code."""
 
 from __future__ import annotations
 
@@ -40,3 +41,29 @@ def test_the_layers_peft_accepts_validate(mamba_dir: Path, tmp_path: Path, capfd
     tree = base_recipe(mamba_dir, data, tmp_path / "run", quantization={"mode": "none"},
                        lora={"r": 4, "alpha": 8, "target_modules": ["in_proj", "x_proj"]})
     assert call_cli(["validate", str(write_recipe(tmp_path / "r.yaml", tree))]) == 0, capfd.readouterr().err[-2000:]
+
+
+def test_random_weights_for_a_remote_code_config_honour_trust_remote_code(tmp_path: Path, tiny_model_dir: Path, capfd) -> None:
+    """model.init: random with a config shipped as Python code: the weights are drawn with the recipe's
+    trust_remote_code (no interactive prompt, no 'pass trust_remote_code=True' after the data is prepared)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    config.update(model_type="myllama", architectures=["MyLlama"],
+                  auto_map={"AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyLlama"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_my.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass MyConfig(LlamaConfig):\n    model_type = 'myllama'\n")
+    (folder / "modeling_my.py").write_text(
+        "from transformers import LlamaForCausalLM\n\nfrom .configuration_my import MyConfig\n\n\n"
+        "class MyLlama(LlamaForCausalLM):\n    config_class = MyConfig\n")
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
+    tree = base_recipe(folder, data, tmp_path / "run", train={"max_steps": 1})
+    tree["model"].update(init="random", trust_remote_code=True)
+    assert call_cli(["train", str(write_recipe(tmp_path / "r.yaml", tree))]) == 0, capfd.readouterr().err[-2000:]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
