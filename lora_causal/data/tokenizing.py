@@ -203,6 +203,11 @@ class RowTokenizer:
                 f"{self.where}: {location}: the conversation has no assistant turn, so none of its tokens is a target; "
                 "add the assistant's answer or remove the row"
             )
+        if clean[0]["role"] == "assistant":  # transformers renders no empty conversation, so no header to mask
+            raise UserError(
+                f"{self.where}: {location}: the conversation opens with an assistant message, whose role header cannot "
+                "be told apart from its answer (it would be trained); start it with a system or user message"
+            )
         return clean
 
     def _check_template_shows_text(self) -> None:

@@ -440,6 +440,11 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
     "chat row without an assistant turn": lambda c: Case(["train", c.recipe(rows=[CHAT_ROW, USER_ONLY], fmt="messages")],
                                                          r"data\.train: line 2: the conversation has no assistant turn, so none of its tokens is a target",
                                                          absent=("max_length",)),
+    "chat row that opens with the assistant": lambda c: Case(
+        ["train", c.recipe(rows=[CHAT_ROW, {"messages": [{"role": "assistant", "content": "Hello!"}, *CHAT_ROW["messages"]]}],
+                           fmt="messages")],
+        r"data\.train: line 2: the conversation opens with an assistant message, whose role header cannot be told apart",
+        absent=("max_length",)),
     "chat rows that are all system and user": lambda c: Case(["inspect", c.recipe(rows=[USER_ONLY, USER_ONLY], fmt="messages")],
                                                              r"line 1: the conversation has no assistant turn", absent=("max_length",)),
     "data.cache_dir under a file": lambda c: Case(["train", c.recipe(), f"data.cache_dir={c.file('afile')}/cache"], r"data\.cache_dir: '.*afile' is a file, so"),
