@@ -65,12 +65,16 @@ def _validate(recipe_path: str, overrides: Sequence[str], serving: Sequence[str]
         engines = parse_engines(list(serving))
     recipe = load_recipe(recipe_path, overrides)
     plan = plan_run(recipe)
-    configs = describe_configs(recipe)
+    configs = describe_configs(plan.as_run)
     print(recipe.to_yaml(), end="")
     print("# built without loading weights:")
     for name, built in configs.items():
         print(f"# {name}: {json.dumps(built, default=str)}")
     print(f"# {plan.batching.line()}")
+    from lora_causal.training.plan import budget_line
+
+    if budget_line(plan.as_run):
+        print(f"# {budget_line(plan.as_run)}")
     print(f"# recipe is valid (fingerprint {recipe.fingerprint()})")
     if serving:
         from lora_causal.serving.check import check_serving, format_results

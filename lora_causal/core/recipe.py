@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -201,14 +201,24 @@ class TrainSection(_Section):
     # auto: padding-free rows with varlen attention where that is exact and fast here (CUDA + Flash Attention, or
     # the CPU), padded batches otherwise; false is the stock path (see lora_causal.model.batching)
     padding_free: Literal["auto"] | bool = "auto"
-    # Pack examples (best fit decreasing) into micro-batches of at most this many tokens instead of
-    # micro_batch_size examples; needs padding_free. Examples per optimizer step then vary, tokens do not.
-    token_budget: PositiveInt | None = None
+    # Micro-batches of at most this many tokens, packed (best fit decreasing) from the examples of each optimizer
+    # step: a step still trains micro_batch_size x gradient_accumulation examples (per process), in as few
+    # micro-batches as the budget allows. auto: micro_batch_size x data.max_length (the largest micro-batch the
+    # recipe allows anyway) wherever batches are padding-free; false: micro_batch_size examples per micro-batch.
+    token_budget: Literal["auto", False] | PositiveInt = "auto"
     pad_to_multiple_of: PositiveInt | None = None
     logging_steps: PositiveInt = 10
     eval_steps: PositiveInt | None = None  # defaults to logging_steps when there is eval data
     # Seconds a process waits in a collective (all-reduce, barrier) before the run fails (several processes only).
     collective_timeout_s: PositiveInt = 1800
+
+    @field_validator("token_budget", mode="before")
+    @classmethod
+    def _budget_is_tokens_auto_or_false(cls, value: Any) -> Any:
+        if value == "auto" or value is False or (type(value) is int and value > 0):
+            return value
+        raise ValueError(f"{value!r} is not a token budget; write a positive number of tokens, auto (the default: "
+                         "micro_batch_size x data.max_length on padding-free rows) or false (no budget)")
 
     @field_validator("seed")
     @classmethod
@@ -224,14 +234,19 @@ class TrainSection(_Section):
             raise ValueError(
                 "pad_to_multiple_of pads rows, but padding_free: true has no padding; remove one of them"
             )
-        if self.token_budget is not None and self.padding_free is False:
-            raise ValueError("token_budget packs examples into padding-free rows; set train.padding_free: true or auto")
-        if self.token_budget is not None and self.pad_to_multiple_of is not None:
-            raise ValueError("token_budget packs padding-free rows, but pad_to_multiple_of pads rows; remove one of them")
-        if self.token_budget is not None and "micro_batch_size" in self.model_fields_set:
-            raise ValueError("token_budget replaces micro_batch_size (micro-batches hold tokens, not examples); "
-                             "remove micro_batch_size")
+        budget = self.explicit_token_budget
+        if budget is not None and self.padding_free is False:
+            raise ValueError("token_budget packs examples into padding-free rows; set train.padding_free: true or auto, "
+                             "or token_budget: false")
+        if budget is not None and self.pad_to_multiple_of is not None:
+            raise ValueError("token_budget packs padding-free rows, but pad_to_multiple_of pads rows; set "
+                             "token_budget: false or remove pad_to_multiple_of")
         return self
+
+    @property
+    def explicit_token_budget(self) -> int | None:
+        """The budget written as a number (None for auto and false)."""
+        return None if isinstance(self.token_budget, str) or self.token_budget is False else self.token_budget
 
 
 class MergeSection(_Section):
@@ -284,7 +299,7 @@ class Recipe(_Section):
                 "model.attn_implementation: varlen works on padding-free batches; set train.padding_free: true "
                 "(and no pad_to_multiple_of) or choose another attention"
             )
-        if self.train.token_budget is not None and self.train.token_budget < self.data.max_length:
+        if self.train.explicit_token_budget is not None and self.train.explicit_token_budget < self.data.max_length:
             raise ValueError(
                 f"train.token_budget ({self.train.token_budget}) is smaller than data.max_length "
                 f"({self.data.max_length}), so the longest examples would fit in no micro-batch; raise it"

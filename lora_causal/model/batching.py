@@ -198,5 +198,5 @@ def plan_for_model(model: ModelSection, quantization: QuantizationSection, train
     return plan_batching(
         train.padding_free, model.attn_implementation, dtype, device,
         AttentionNeeds.from_config(config, model.trust_remote_code), kernel_parameters(),
-        token_budget=train.token_budget is not None, pad_to_multiple_of=train.pad_to_multiple_of is not None,
+        token_budget=train.explicit_token_budget is not None, pad_to_multiple_of=train.pad_to_multiple_of is not None,
     )

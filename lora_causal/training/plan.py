@@ -59,10 +59,34 @@ def merge_target(recipe: Recipe) -> Path | None:
 
 
 def with_batching(recipe: Recipe, batching: BatchingPlan) -> Recipe:
-    """The recipe with the plan's concrete batching and attention in place of `auto`."""
+    """The recipe with the plan's concrete batching, attention and token budget in place of `auto`."""
     model = recipe.model.model_copy(update={"attn_implementation": batching.attn_implementation})
-    train = recipe.train.model_copy(update={"padding_free": batching.padding_free})
+    train = recipe.train.model_copy(update={"padding_free": batching.padding_free,
+                                            "token_budget": token_budget(recipe, batching.padding_free)})
     return recipe.model_copy(update={"model": model, "train": train})
+
+
+def token_budget(recipe: Recipe, padding_free: bool) -> int | bool:
+    """`train.token_budget` as it runs: a number of tokens, or False (micro-batches of micro_batch_size examples).
+
+    auto is micro_batch_size x data.max_length where rows are padding-free: the largest micro-batch the recipe
+    allows without a budget, so the peak memory of a run is the one its worst padded micro-batch would reach."""
+    train = recipe.train
+    if train.token_budget != "auto":
+        return train.token_budget
+    if not padding_free or train.pad_to_multiple_of is not None:
+        return False
+    return train.micro_batch_size * recipe.data.max_length
+
+
+def budget_line(as_run: Recipe) -> str | None:
+    """What a token budget does to the micro-batches, in words (None without a budget)."""
+    train = as_run.train
+    if train.token_budget is False:
+        return None
+    return (f"micro-batches: up to {train.token_budget} tokens each (train.token_budget), packed from the "
+            f"{train.micro_batch_size * train.gradient_accumulation} examples of each optimizer step "
+            "(micro_batch_size x gradient_accumulation, per process)")
 
 
 def resolve_plan(recipe: Recipe, model_config: Any = None, device: DeviceInfo | None = None,
@@ -79,6 +103,7 @@ def resolve_plan(recipe: Recipe, model_config: Any = None, device: DeviceInfo | 
 
 def resolved(recipe: Recipe) -> Recipe:
     """The recipe as it runs here: `auto` batching resolved for this device and model (unchanged if concrete)."""
-    if recipe.train.padding_free != "auto" and recipe.model.attn_implementation != "auto":
+    train = recipe.train
+    if train.padding_free != "auto" and recipe.model.attn_implementation != "auto" and train.token_budget != "auto":
         return recipe
     return resolve_plan(recipe).as_run

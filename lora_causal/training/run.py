@@ -104,6 +104,7 @@ def _prepare(plan: RunPlan, state: Any, say: Say, require_resume: bool) -> tuple
     from lora_causal.data.dataset import render_prompt_ids
     from lora_causal.data.prepare import prepare_shared
     from lora_causal.model.loading import load_tokenizer
+    from lora_causal.training.plan import budget_line
 
     recipe = plan.recipe
     # where the run goes is decided (without writing) before the data is read, so a refusal comes at once
@@ -115,6 +116,8 @@ def _prepare(plan: RunPlan, state: Any, say: Say, require_resume: bool) -> tuple
         )
     tokenizer = load_tokenizer(recipe.model)
     say(plan.batching.line())
+    if budget_line(plan.as_run):
+        say(budget_line(plan.as_run))
 
     data = prepare_shared(recipe.data, tokenizer, recipe.train.seed, state, say, recipe.train.collective_timeout_s)
     if run_dir.resume_from is not None:
@@ -135,9 +138,9 @@ def batch_layout(plan: RunPlan) -> dict[str, int]:
     """What fixes which examples each optimizer step trains: the processes and the rows of one global step (the
     filler top-up and the shuffled order follow from them)."""
     train = plan.as_run.train
-    micro = 1 if train.token_budget else train.micro_batch_size  # a token-budget micro-batch is one pack
     processes = plan.topology.num_processes
-    return {"processes": processes, "rows_per_step": micro * processes * train.gradient_accumulation}
+    layout = {"processes": processes, "rows_per_step": train.micro_batch_size * processes * train.gradient_accumulation}
+    return {**layout, "token_budget": train.token_budget} if train.token_budget else layout
 
 
 def check_resume_continues(folder: Path, data_fingerprint: str, layout: dict[str, int]) -> None:
@@ -153,6 +156,12 @@ def check_resume_continues(folder: Path, data_fingerprint: str, layout: dict[str
                         f"{old_data[:12]}, now {data_fingerprint[:12]}), so resuming it would not continue it; restore "
                         f"that data, {fresh}")
     old = previous.get("layout")
+    if isinstance(old, dict) and old != layout and old.get("processes") == layout["processes"]:
+        raise UserError(f"output.dir: the unfinished run in '{folder}' was cut into steps of {old.get('rows_per_step')} "
+                        f"examples with token budget {old.get('token_budget', 'none')}, and this launch makes steps of "
+                        f"{layout['rows_per_step']} with token budget {layout.get('token_budget', 'none')} (a budget "
+                        "of auto depends on the device's batching), so the steps already trained would not be the same "
+                        f"examples; resume it where it started, {fresh}")
     if isinstance(old, dict) and old != layout:
         raise UserError(f"output.dir: the unfinished run in '{folder}' started with {old.get('processes')} processes "
                         f"({old.get('rows_per_step')} rows per step) and this launch has {layout['processes']} "
@@ -204,6 +213,11 @@ def _train(context: RunContext, data: Any) -> TrainResult:  # noqa: PLR0915 - on
     display = TrainingDisplay(is_main)  # after metrics: it shows what MetricsCallback adds to the logs
     trainer = build_trainer(as_run, model, tokenizer, data, sft_config, meter=meter, callbacks=[metrics, stop, display])
     arrange_tracker_callbacks(trainer, recipe.output.report_to, run_dir.path, is_main)
+    steps = trainer.budget_steps
+    if steps is not None:
+        say(f"token budget: {steps.rounds} micro-batch{'es' if steps.rounds > 1 else ''} per optimizer step and "
+            f"process instead of {as_run.train.gradient_accumulation} of {as_run.train.micro_batch_size} examples; "
+            f"the packs fill {steps.fill():.0%} of the budget")
 
     def save(target: Path) -> None:
         save_adapter(trainer, model, tokenizer, target, is_main, sharded)

@@ -29,6 +29,7 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
     from lora_causal.model.loading import resolve_compute_dtype
 
     train = recipe.train
+    budget = train.token_budget not in ("auto", False)  # auto only reaches here resolved (training.plan)
     compute_dtype = resolve_compute_dtype(recipe.quantization.compute_dtype)
     if train.activation_offloading and not torch.cuda.is_available():
         raise UserError("train.activation_offloading moves activations between a GPU and the CPU; there is no GPU here, "
@@ -38,9 +39,10 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
             output_dir=output_dir,
             num_train_epochs=train.epochs,
             max_steps=train.max_steps or -1,
-            # with a token budget, one micro-batch is one pack of examples
-            per_device_train_batch_size=1 if train.token_budget else train.micro_batch_size,
-            per_device_eval_batch_size=1 if train.token_budget else train.micro_batch_size,
+            # with a token budget, one micro-batch is one pack of examples, and build_trainer sets the accumulation
+            # (the packs of one optimizer step) from the data
+            per_device_train_batch_size=1 if budget else train.micro_batch_size,
+            per_device_eval_batch_size=1 if budget else train.micro_batch_size,
             gradient_accumulation_steps=train.gradient_accumulation,
             learning_rate=train.learning_rate,
             lr_scheduler_type=train.lr_scheduler,
@@ -105,6 +107,19 @@ def trainer_class() -> type:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
             return own_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+        @property
+        def budget_steps(self) -> Any:
+            """The token-budget plan of the training data (lora_causal.data.budget_steps), or None."""
+            return getattr(self.data_collator, "steps", None)
+
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            """Token-budget packs come in their planned order: the shuffle is in the packs (data.budget_steps)."""
+            from lora_causal.data.budget_steps import BudgetStepSampler
+
+            if self.budget_steps is not None and (train_dataset is None or train_dataset is self.train_dataset):
+                return BudgetStepSampler(self.budget_steps)
+            return super()._get_train_sampler(train_dataset)
 
         def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
             fillers = inputs.pop("filler_tokens", 0)  # the collator's count of filler tokens: not for the model
@@ -210,24 +225,30 @@ def build_trainer(  # noqa: PLR0913
     evaluation = data.eval if data.eval is None or isinstance(data.eval, Examples) else Examples.from_list(data.eval)
     train_dataset = train.model_dataset()
     eval_dataset = evaluation.model_dataset() if evaluation else None
-    if recipe.train.token_budget:
-        from lora_causal.data.packing import PackCollator, pack_examples, pack_indices
-
-        budget = recipe.train.token_budget
-        collator = PackCollator(collator, train.model_dataset())
-        train_dataset = Dataset.from_list(pack_indices(train.lengths(), budget))  # indices into train
-        if evaluation:  # held-out data is small: its packs carry the examples themselves
-            eval_dataset = Dataset.from_list(pack_examples(model_columns(evaluation), budget))
-    # whole optimizer steps on every process: filler rows (no target) instead of accelerate's repeated examples
     processes, pad_id = sft_config.world_size, tokenizer.pad_token_id
     train_rows = sft_config.per_device_train_batch_size * processes * sft_config.gradient_accumulation_steps
+    if not recipe.train.token_budget:
+        # whole optimizer steps on every process: filler rows (no target) instead of accelerate's repeated examples
+        train_dataset = top_up(train_dataset, train_rows, pad_id)
+    else:
+        from lora_causal.data.packing import PackCollator, pack_examples
+
+        budget = recipe.train.token_budget
+        from lora_causal.data.budget_steps import SlotCollator
+
+        steps = budget_steps(recipe, train.lengths(), processes)  # whole steps of packs, fillers included
+        collator = SlotCollator(steps, PackCollator(collator, train.model_dataset()))
+        train_dataset = steps.slot_dataset()
+        sft_config.gradient_accumulation_steps = steps.rounds
+        if evaluation:  # held-out data is small: its packs carry the examples themselves
+            eval_dataset = Dataset.from_list(pack_examples(model_columns(evaluation), budget))
     eval_rows = sft_config.per_device_eval_batch_size * processes
     trainer = trainer_class()(
         meter=meter,
         model=model,
         args=sft_config,
         data_collator=collator,
-        train_dataset=top_up(train_dataset, train_rows, pad_id),
+        train_dataset=train_dataset,
         eval_dataset=top_up(eval_dataset, eval_rows, pad_id) if eval_dataset is not None else None,
         processing_class=tokenizer,
         callbacks=callbacks,
@@ -236,6 +257,16 @@ def build_trainer(  # noqa: PLR0913
     # TRL stores adapters of quantized models in bf16; keep the recipe's choice
     set_adapter_dtype(model, recipe.lora.dtype, recipe.quantization.compute_dtype)
     return trainer
+
+
+def budget_steps(recipe: Recipe, lengths: Any, processes: int) -> Any:
+    """The token-budget packs of every optimizer step (lora_causal.data.budget_steps) for this recipe's data."""
+    from lora_causal.data.budget_steps import BudgetSteps, planned_epochs
+
+    train = recipe.train
+    per_step = train.micro_batch_size * train.gradient_accumulation * processes
+    return BudgetSteps(list(lengths), per_step, int(train.token_budget), processes, train.seed,
+                       planned_epochs(len(lengths), per_step, train.epochs, train.max_steps))
 
 
 SFT_SUMMARY_KEYS = (
@@ -261,6 +292,8 @@ def describe_configs(recipe: Recipe) -> dict[str, Any]:
     lora = build_lora_config(recipe.lora)
     sft = build_sft_config(recipe, str(Path(recipe.output.dir) / "checkpoints"), has_eval=recipe.data.eval is not None)
     sft_values = sft.to_dict()  # enums as their values
+    if recipe.train.token_budget not in ("auto", False):
+        sft_values["gradient_accumulation_steps"] = "the packs of one step (train.token_budget; set from the data)"
     return {
         "BitsAndBytesConfig": _public_fields(quantization.to_dict()) if quantization else None,
         "LoraConfig": {

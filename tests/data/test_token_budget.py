@@ -7,12 +7,14 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import QA_ROWS, base_recipe, write_jsonl, write_recipe
 
 from lora_causal.core.errors import UserError
 from lora_causal.core.recipe_file import load_recipe
 from lora_causal.data.collator import CausalLMCollator
 from lora_causal.data.packing import PackCollator, best_fit_decreasing, pack_examples
+from lora_causal.training.plan import resolve_plan
 from lora_causal.training.run import run_training
 
 
@@ -65,22 +67,42 @@ def test_packs_of_indices_and_their_fillers() -> None:
     assert packs[2]["filler"] and filler["input_ids"].tolist() == [[0]] and filler["labels"].tolist() == [[-100]]
 
 
-def _epoch(tmp_path: Path, model_dir: Path, name: str, **train: object) -> list[dict]:
-    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS * 4)  # 16 examples of 20-25 tokens
+def _epoch(tmp_path: Path, model_dir: Path, name: str, **train: object) -> tuple[list[dict], dict]:
+    """Train one epoch of 16 examples (20-25 tokens each); the logged steps and the trained adapter."""
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS * 4)
     tree = base_recipe(model_dir, data, tmp_path / name, train={"epochs": 1.0, "logging_steps": 1, **train})
     del tree["train"]["max_steps"]
-    if "token_budget" in train:
-        del tree["train"]["micro_batch_size"]
     result = run_training(load_recipe(write_recipe(tmp_path / f"{name}.yaml", tree)), say=lambda *_: None)
-    return [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    logs = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    return logs, load_file(str(result.run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-def test_training_on_token_budget_packs(tmp_path: Path, tiny_model_dir: Path) -> None:
-    packed = _epoch(tmp_path, tiny_model_dir, "packed", padding_free=True, token_budget=64)
-    padded = _epoch(tmp_path, tiny_model_dir, "padded", micro_batch_size=2)
-    assert len(padded) == 8
-    assert 5 <= len(packed) <= 7  # two or three examples to a 64-token row: fewer, fuller micro-batches
-    assert packed[-1]["supervised_tokens"] == padded[-1]["supervised_tokens"]  # every target trained once
+def test_a_token_budget_changes_the_micro_batches_not_what_a_step_trains(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # 4 examples per step (micro-batch 2 x accumulation 2): in one pack (budget 1024) or in several (budget 64)
+    whole, whole_adapter = _epoch(tmp_path, tiny_model_dir, "whole", micro_batch_size=2, gradient_accumulation=2,
+                                  token_budget=1024)
+    tight, tight_adapter = _epoch(tmp_path, tiny_model_dir, "tight", micro_batch_size=2, gradient_accumulation=2,
+                                  token_budget=64)
+    assert len(whole) == len(tight) == 4  # 16 examples, 4 per optimizer step, whatever the budget
+    assert [step["supervised_tokens"] for step in whole] == [step["supervised_tokens"] for step in tight]
+    for a, b in zip(whole, tight):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 * abs(a["loss"])
+    assert whole_adapter.keys() == tight_adapter.keys()
+    for key, value in whole_adapter.items():
+        torch.testing.assert_close(tight_adapter[key], value, rtol=1e-4, atol=1e-6)
+
+
+def test_the_default_budget_packs_each_step_into_one_micro_batch_here(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
+    tree = base_recipe(tiny_model_dir, data, tmp_path / "run", train={"micro_batch_size": 2, "gradient_accumulation": 3})
+    plan = resolve_plan(load_recipe(write_recipe(tmp_path / "r.yaml", tree)))
+    assert plan.recipe.train.token_budget == "auto"
+    assert plan.as_run.train.token_budget == 2 * 64  # micro_batch_size x data.max_length, on padding-free rows
+    off = resolve_plan(load_recipe(tmp_path / "r.yaml", ["train.padding_free=false"]))
+    assert off.as_run.train.token_budget is False  # padded batches: micro-batches of examples, as written
+    assert resolve_plan(load_recipe(tmp_path / "r.yaml", ["train.token_budget=false"])).as_run.train.token_budget is False
 
 
 @pytest.mark.parametrize(
@@ -89,13 +111,13 @@ def test_training_on_token_budget_packs(tmp_path: Path, tiny_model_dir: Path) ->
         (["train.token_budget=512", "train.padding_free=false"],
          r"train\.token_budget: packs examples into padding-free rows; set train\.padding_free: true or auto"),
         (["train.token_budget=512", "train.pad_to_multiple_of=8"], r"token_budget: packs padding-free rows, but pad_to_multiple_of pads"),
-        (["train.token_budget=512", "train.padding_free=true", "train.micro_batch_size=4"], r"token_budget: replaces micro_batch_size"),
         (["train.token_budget=32", "train.padding_free=true"], r"train\.token_budget \(32\) is smaller than data\.max_length \(64\)"),
+        (["train.token_budget=true"], r"train\.token_budget"),
+        (["train.token_budget=0"], r"train\.token_budget"),
     ],
 )
 def test_token_budget_conflicts(overrides: list[str], pattern: str, tmp_path: Path, tiny_model_dir: Path) -> None:
     data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
     tree = base_recipe(tiny_model_dir, data, tmp_path / "run")
-    del tree["train"]["micro_batch_size"]
     with pytest.raises(UserError, match=pattern):
         load_recipe(write_recipe(tmp_path / "r.yaml", tree), overrides)

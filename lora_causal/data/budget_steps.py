@@ -1,0 +1,166 @@
+"""Token-budget micro-batches that keep the recipe's examples per optimizer step.
+
+An optimizer step trains `examples_per_step` examples (micro_batch_size x gradient_accumulation x processes, as
+without a budget), drawn by a seeded shuffle of each epoch (every epoch its own draw, the same on every process).
+The examples of a step are packed, best fit decreasing, into padding-free micro-batches of at most `budget`
+tokens, so a step of short examples takes one or two big micro-batches instead of `gradient_accumulation` small
+ones. Trainer accumulates a fixed number of micro-batches per step, so every step gets the same number per
+process (`rounds`): the most that any step of any planned epoch needs. A step that needs fewer has its fullest
+packs split in two (balanced by tokens); a step with fewer examples than packs (the last of an epoch) gets filler
+packs (one pad token, no target; see even_split). The loss divides by the supervised tokens of the whole step,
+so how a step is cut into micro-batches changes only floating-point rounding.
+
+`BudgetSteps` holds the plan; the trainer's dataset is its slots (`slot_dataset`, one row per pack), which
+`BudgetStepSampler` hands out in order and `SlotCollator` turns into the packs of the current epoch. The sampler
+learns the epoch from Trainer's `set_epoch` (through accelerate), so a resumed run rebuilds the same packs and
+skips the steps it has done by position. The collator runs in the training process (no dataloader workers).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from lora_causal.data.even_split import FILLER
+from lora_causal.data.packing import best_fit_decreasing
+
+# how many epochs are planned in full to find `rounds`; later epochs (max_steps far past the data) reuse their packs
+MAX_PLANNED_EPOCHS = 64
+SLOT = "slot"
+
+
+def epoch_steps(count: int, per_step: int, seed: int, epoch: int) -> list[list[int]]:
+    """The example indices of each optimizer step of `epoch`: a seeded shuffle cut into steps of `per_step`."""
+    order = list(range(count))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return [order[start:start + per_step] for start in range(0, count, per_step)]
+
+
+def pack_step(step: Sequence[int], lengths: Sequence[int], budget: int, packs: int | None = None) -> list[list[int]]:
+    """The examples of one step in packs of at most `budget` tokens: as few as best fit decreasing makes, or exactly
+    `packs` of them (fullest packs split in two; empty lists stand for filler packs when examples run out)."""
+    groups = [[step[index] for index in group] for group in best_fit_decreasing([lengths[i] for i in step], budget)]
+    if packs is None:
+        return groups
+    if len(groups) > packs:
+        raise ValueError(f"a step needs {len(groups)} packs of {budget} tokens, more than the {packs} planned")
+    while len(groups) < packs:
+        splittable = [group for group in groups if len(group) > 1]
+        if not splittable:
+            groups.append([])  # a filler pack: nothing left to split
+            continue
+        fullest = max(splittable, key=lambda group: (sum(lengths[i] for i in group), -groups.index(group)))
+        groups.remove(fullest)
+        groups.extend(_halves(fullest, lengths))
+    return sorted(groups, key=lambda group: (-sum(lengths[i] for i in group), group))
+
+
+def _halves(group: list[int], lengths: Sequence[int]) -> list[list[int]]:
+    """`group` in two non-empty parts of about equal tokens (longest first, each to the lighter part)."""
+    parts: list[list[int]] = [[], []]
+    totals = [0, 0]
+    for index in sorted(group, key=lambda i: (-lengths[i], i)):
+        lighter = 0 if (totals[0], len(parts[0])) <= (totals[1], len(parts[1])) else 1
+        parts[lighter].append(index)
+        totals[lighter] += lengths[index]
+    return [sorted(part) for part in parts]
+
+
+@dataclass
+class BudgetSteps:
+    """The packs of every step of every epoch, built on demand: item `slot` is one pack of the current `epoch`."""
+
+    lengths: Sequence[int]
+    examples_per_step: int
+    budget: int
+    processes: int
+    seed: int
+    epochs: int  # epochs planned in full (at least the ones training will run, up to MAX_PLANNED_EPOCHS)
+    rounds: int = field(init=False)  # micro-batches per process per optimizer step
+    epoch: int = field(init=False, default=0)  # the epoch being trained (set by BudgetStepSampler)
+    _cache: dict[int, list[list[int]]] = field(init=False, default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.lengths:
+            raise ValueError("there are no examples to pack")
+        needed = max(len(pack_step(step, self.lengths, self.budget))
+                     for epoch in range(max(1, min(self.epochs, MAX_PLANNED_EPOCHS)))
+                     for step in epoch_steps(len(self.lengths), self.examples_per_step, self.seed, epoch))
+        self.rounds = -(-needed // self.processes)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.lengths) // self.examples_per_step)
+
+    @property
+    def packs_per_step(self) -> int:
+        return self.rounds * self.processes
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch * self.packs_per_step
+
+    def epoch_packs(self, epoch: int) -> list[list[int]]:
+        """Every pack of `epoch`, step after step (epochs past the planned ones repeat the last planned one's draw
+        in a new order of steps)."""
+        if epoch not in self._cache:
+            self._cache.clear()  # one epoch at a time
+            planned = min(epoch, MAX_PLANNED_EPOCHS - 1)
+            steps = epoch_steps(len(self.lengths), self.examples_per_step, self.seed, planned)
+            if planned != epoch:
+                random.Random(self.seed * 7_919 + epoch).shuffle(steps)
+            self._cache[epoch] = [pack for step in steps for pack in pack_step(step, self.lengths, self.budget,
+                                                                                  self.packs_per_step)]
+        return self._cache[epoch]
+
+    def __getitem__(self, slot: int) -> dict[str, Any]:
+        pack = self.epoch_packs(self.epoch)[slot]
+        return {"pack": pack, FILLER: False} if pack else {"pack": [0], FILLER: True}
+
+    def slot_dataset(self) -> Any:
+        """The trainer's dataset: one row (`{"slot": n}`) per pack of an epoch."""
+        from datasets import Dataset
+
+        return Dataset.from_dict({SLOT: list(range(len(self)))})
+
+    def fill(self, epoch: int = 0) -> float:
+        """The share of the budget the packs of `epoch` use, fillers included (1.0: every micro-batch full)."""
+        packs = self.epoch_packs(epoch)
+        return sum(self.lengths[i] for pack in packs for i in pack) / (len(packs) * self.budget)
+
+
+class BudgetStepSampler:
+    """The slots of `BudgetSteps` in order; Trainer (through accelerate) sets the epoch, which picks the packs."""
+
+    def __init__(self, steps: BudgetSteps) -> None:
+        self.steps = steps
+
+    def set_epoch(self, epoch: int) -> None:
+        self.steps.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self.steps)))
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+@dataclass(frozen=True)
+class SlotCollator:
+    """Slot rows -> the packs they stand for in the current epoch -> `collator` (a PackCollator); rows that are
+    packs already (evaluation's) pass through."""
+
+    steps: BudgetSteps
+    collator: Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return self.collator([self.steps[int(feature[SLOT])] if SLOT in feature else feature for feature in features])
+
+
+def planned_epochs(examples: int, examples_per_step: int, epochs: float, max_steps: int | None) -> int:
+    """The whole epochs Trainer will start: ceil(epochs), or as many as `max_steps` optimizer steps need."""
+    steps_per_epoch = -(-examples // examples_per_step)
+    if max_steps:
+        return -(-max_steps // steps_per_epoch)
+    return max(1, -(-int(epochs * 1000) // 1000))
