@@ -56,6 +56,7 @@ def _validate(recipe_path: str, overrides: Sequence[str], serving: Sequence[str]
     import json
 
     from lora_causal.core.recipe_file import load_recipe
+    from lora_causal.training.plan import budget_line
     from lora_causal.training.preflight import plan_run
     from lora_causal.training.trainer import describe_configs
 
@@ -71,8 +72,6 @@ def _validate(recipe_path: str, overrides: Sequence[str], serving: Sequence[str]
     for name, built in configs.items():
         print(f"# {name}: {json.dumps(built, default=str)}")
     print(f"# {plan.batching.line()}")
-    from lora_causal.training.plan import budget_line
-
     if budget_line(plan.as_run):
         print(f"# {budget_line(plan.as_run)}")
     print(f"# recipe is valid (fingerprint {recipe.fingerprint()})")

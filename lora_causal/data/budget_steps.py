@@ -19,9 +19,9 @@ skips the steps it has done by position. The collator runs in the training proce
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from lora_causal.data.even_split import FILLER
 from lora_causal.data.packing import best_fit_decreasing
