@@ -86,6 +86,7 @@ def summarise(result: ArmResult, warmup: int, counts: dict[str, int], mean_conte
     mfu = tokens_per_s * flops_per_token(counts, mean_context) / (peak * 1e12) if peak else None
     return {
         "arm": result.arm, "ok": True, "device": result.device, "batching": result.batching,
+        "micro_batches_per_step": result.micro_batches_per_step,
         "load_s": round(result.load_s, 2),
         "measured_steps": len(result.step_s[measured]),
         "step_s": round(seconds / max(len(result.step_s[measured]), 1), 4),
@@ -115,14 +116,16 @@ def hardware() -> dict[str, Any]:
 
 
 def markdown_table(report: dict[str, Any]) -> str:
-    rows = ["| arm | tokens/s | supervised tokens/s | step s | peak alloc GiB | peak reserved GiB | peak RSS GiB | MFU | load s | first losses |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| arm | tokens/s | supervised tokens/s | step s | micro-batches/step | peak alloc GiB | peak reserved GiB | "
+            "peak RSS GiB | MFU | load s | first losses |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arm in report["arms"]:
         if not arm["ok"]:
-            rows.append(f"| {arm['arm']} | failed: {arm['error']} | | | | | | | | |")
+            rows.append(f"| {arm['arm']} | failed: {arm['error']} | | | | | | | | | |")
             continue
         rows.append(
             f"| {arm['arm']} | {arm['tokens_per_s']:,.0f} | {arm['supervised_tokens_per_s']:,.0f} | {arm['step_s']} | "
+            f"{arm.get('micro_batches_per_step', '')} | "
             f"{arm['peak_allocated_gib']} | {arm['peak_reserved_gib']} | {arm['peak_rss_gib']} | {arm['mfu']} | "
             f"{arm['load_s']} | {', '.join(map(str, arm['first_losses']))} |"
         )
@@ -186,7 +189,7 @@ def prepare_model(shape: str, seed: int) -> tuple[Path, dict[str, int]]:
 
 
 def run_bench(  # noqa: PLR0913
-    shape: str, out: Path, arms: tuple[str, ...] = DEFAULT_ARMS, micro_batch: int = 4, grad_accum: int = 1, steps: int = 20,
+    shape: str, out: Path, arms: tuple[str, ...] = DEFAULT_ARMS, micro_batch: int = 4, grad_accum: int = 4, steps: int = 20,
     warmup: int = 3, median: int = 512, sigma: float = 0.7, max_length: int = 2048, seed: int = 0,
     timeout: int = 3600, say: Any = print, command: str = "", profile: bool = False,
 ) -> dict[str, Any]:
@@ -245,6 +248,12 @@ def _bench_report(  # noqa: PLR0913
         report["speedup_vs_stock"] = {arm["arm"]: round(arm["tokens_per_s"] / stock["tokens_per_s"], 3) for arm in ok}
         if stock["peak_allocated_gib"]:
             report["memory_vs_stock"] = {arm["arm"]: round(arm["peak_allocated_gib"] / stock["peak_allocated_gib"], 3) for arm in ok}
+    if stock is not None and stock["first_losses"]:
+        # the arms draw their steps in their own seeded order, so the first losses agree in level, not step by step
+        report["first_loss_gap_vs_stock"] = {
+            arm["arm"]: round(abs(sum(arm["first_losses"]) / len(arm["first_losses"])
+                                  - sum(stock["first_losses"]) / len(stock["first_losses"])), 4)
+            for arm in ok if arm["first_losses"]}
     if len(ok) > 1:
         report["same_tokens"] = len({(arm["tokens_total"], arm["supervised_tokens_total"]) for arm in ok}) == 1
     return report

@@ -35,6 +35,12 @@ LEVERS: dict[str, dict[str, Any]] = {
     "lora_causal+no_checkpointing": {"train": {"gradient_checkpointing": False}},
     # for --max-context: activations parked in CPU memory between forward and backward (GPU only)
     "lora_causal+offload": {"train": {"activation_offloading": True}},
+    # micro-batches of micro_batch_size examples (the default before token budgets): what the budget buys
+    "lora_causal+no_budget": {"train": {"token_budget": False}},
+    # twice the default token budget (2 x micro_batch_size x max_length): does a bigger budget pay, and fit?
+    "lora_causal+budget_x2": {"budget_factor": 2},
+    # Liger's fused RMSNorm, RoPE and SwiGLU kernels through TRL's use_liger_kernel (needs liger-kernel and a GPU)
+    "lora_causal+liger": {"sft": {"use_liger_kernel": True}},
 }
 
 
@@ -80,6 +86,7 @@ class ArmResult:
     peak_rss_gib: float = 0.0
     device: str = ""
     batching: str = ""  # the plan line of lora_causal arms
+    micro_batches_per_step: int = 0  # per process: gradient accumulation as the trainer ran it
     profile: str = ""  # torch.profiler's table of the profiled step, top kernels by time
 
 
@@ -107,6 +114,7 @@ def _timing_callback(result: ArmResult, meter: Any, profile_step: int | None = N
             self.profiler: Any = None
 
         def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            result.micro_batches_per_step = int(args.gradient_accumulation_steps)
             self.last = time.perf_counter()
 
         def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
@@ -210,7 +218,9 @@ def _run_lora_causal(spec: BenchSpec, examples: list[list[int]], result: ArmResu
         "data": {"train": {"path": "synthetic.jsonl", "format": "text"}, "max_length": max(spec.lengths)},
         "train": {"max_steps": spec.steps, "micro_batch_size": spec.micro_batch, "gradient_accumulation": spec.grad_accum,
                   "learning_rate": 2e-4, "logging_steps": 1, "seed": spec.seed, "warmup_ratio": 0.0,
-                  "lr_scheduler": "linear", **lever.get("train", {})},
+                  "lr_scheduler": "linear", **lever.get("train", {}),
+                  **({"token_budget": lever["budget_factor"] * spec.micro_batch * max(spec.lengths)}
+                     if "budget_factor" in lever else {})},
         "output": {"dir": workdir, "save_steps": 10**9},
     })
     plan = resolve_plan(recipe)  # what `lora-causal train` would run here
@@ -223,6 +233,8 @@ def _run_lora_causal(spec: BenchSpec, examples: list[list[int]], result: ArmResu
                         train_report=DataReport(), eval_report=None, fingerprint="synthetic")
     args = build_sft_config(recipe, workdir, has_eval=False)
     args.save_strategy, args.disable_tqdm = "no", True
+    for key, value in lever.get("sft", {}).items():
+        setattr(args, key, value)
     meter = TokenMeter()
     trainer = build_trainer(recipe, model, tokenizer, data, args, meter=meter,
                             callbacks=[_timing_callback(result, meter, spec.profile_step)])

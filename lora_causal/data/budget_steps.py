@@ -2,7 +2,7 @@
 
 An optimizer step trains `examples_per_step` examples (micro_batch_size x gradient_accumulation x processes, as
 without a budget), drawn by a seeded shuffle of each epoch (every epoch its own draw, the same on every process).
-The examples of a step are packed, best fit decreasing, into padding-free micro-batches of at most `budget`
+The draw is Trainer's own (`epoch_steps`). The examples of a step are packed, best fit decreasing, into padding-free micro-batches of at most `budget`
 tokens, so a step of short examples takes one or two big micro-batches instead of `gradient_accumulation` small
 ones. Trainer accumulates a fixed number of micro-batches per step, so every step gets the same number per
 process (`rounds`): the most that any step of any planned epoch needs. A step that needs fewer has its fullest
@@ -32,10 +32,23 @@ SLOT = "slot"
 
 
 def epoch_steps(count: int, per_step: int, seed: int, epoch: int) -> list[list[int]]:
-    """The example indices of each optimizer step of `epoch`: a seeded shuffle cut into steps of `per_step`."""
-    order = list(range(count))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return [order[start:start + per_step] for start in range(0, count, per_step)]
+    """The example indices of each optimizer step of `epoch`, drawn as Trainer draws them without a budget.
+
+    Without a budget the examples, topped up with fillers to whole steps (even_split), are shuffled by accelerate's
+    seedable sampler: `torch.randperm` with a generator seeded `seed + epoch` (transformers passes `data_seed`, which
+    lora_causal sets to train.seed), and each optimizer step takes the next `per_step` of them, whatever the number
+    of processes. The same draw here makes a run with a budget train the same examples in every step as the same
+    recipe with `token_budget: false` (tests/data/test_token_budget.py checks it against a real run).
+    """
+    import torch
+
+    from lora_causal.data.even_split import fillers_needed
+
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(count + fillers_needed(count, per_step), generator=generator).tolist()
+    steps = [[index for index in order[start:start + per_step] if index < count]
+             for start in range(0, len(order), per_step)]
+    return [step for step in steps if step]
 
 
 def pack_step(step: Sequence[int], lengths: Sequence[int], budget: int, packs: int | None = None) -> list[list[int]]:

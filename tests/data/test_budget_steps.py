@@ -23,7 +23,7 @@ def _lengths(count: int, seed: int, longest: int = 64) -> list[int]:
 
 def test_steps_of_an_epoch_are_a_seeded_shuffle() -> None:
     steps = epoch_steps(10, 4, seed=3, epoch=0)
-    assert [len(step) for step in steps] == [4, 4, 2]  # the last step of an epoch is what is left
+    assert len(steps) == 3 and all(len(step) <= 4 for step in steps)  # 2 fillers (dropped) make 3 whole steps
     assert sorted(i for step in steps for i in step) == list(range(10))
     assert steps == epoch_steps(10, 4, seed=3, epoch=0)  # every process draws the same
     assert steps != epoch_steps(10, 4, seed=3, epoch=1)  # and each epoch its own
@@ -102,3 +102,19 @@ def test_planned_epochs() -> None:
     lengths = _lengths(8, 1)
     many = BudgetSteps(lengths, 4, 64, 1, seed=1, epochs=10**6)  # max_steps far past tiny data: capped planning
     assert sorted(i for pack in many.epoch_packs(MAX_PLANNED_EPOCHS + 5) for i in pack) == list(range(8))
+
+
+@pytest.mark.parametrize(("count", "per_step", "seed", "epoch"), [(10, 4, 3, 0), (37, 8, 42, 2), (16, 16, 0, 1)])
+def test_steps_are_the_ones_trainers_own_shuffle_draws(count: int, per_step: int, seed: int, epoch: int) -> None:
+    # without a budget: examples topped up with fillers to whole steps, shuffled by accelerate's seedable sampler
+    # seeded with data_seed (= train.seed), each step the next per_step of them
+    from accelerate.data_loader import SeedableRandomSampler
+
+    from lora_causal.data.even_split import fillers_needed
+
+    rows = count + fillers_needed(count, per_step)
+    sampler = SeedableRandomSampler(data_source=range(rows), data_seed=seed)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    trainer_steps = [[i for i in order[start:start + per_step] if i < count] for start in range(0, rows, per_step)]
+    assert epoch_steps(count, per_step, seed, epoch) == [step for step in trainer_steps if step]

@@ -94,6 +94,20 @@ def test_a_token_budget_changes_the_micro_batches_not_what_a_step_trains(tmp_pat
         torch.testing.assert_close(tight_adapter[key], value, rtol=1e-4, atol=1e-6)
 
 
+def test_a_budget_trains_the_steps_trainer_draws_without_one(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # the default (auto) budget packs each step of 2 x 3 examples into one row; false runs 3 micro-batches of 2:
+    # the same examples in every step, so the same losses step by step and the same adapter
+    budget, budget_adapter = _epoch(tmp_path, tiny_model_dir, "budget", micro_batch_size=2, gradient_accumulation=3)
+    plain, plain_adapter = _epoch(tmp_path, tiny_model_dir, "plain", micro_batch_size=2, gradient_accumulation=3,
+                                  token_budget=False)
+    assert len(budget) == len(plain) == 3  # 16 examples, 6 per step: 3 steps, the last topped up
+    assert [step["supervised_tokens"] for step in budget] == [step["supervised_tokens"] for step in plain]
+    for a, b in zip(budget, plain):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 * abs(a["loss"])
+    for key, value in plain_adapter.items():
+        torch.testing.assert_close(budget_adapter[key], value, rtol=1e-4, atol=1e-6)
+
+
 def test_the_default_budget_packs_each_step_into_one_micro_batch_here(tmp_path: Path, tiny_model_dir: Path) -> None:
     data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
     tree = base_recipe(tiny_model_dir, data, tmp_path / "run", train={"micro_batch_size": 2, "gradient_accumulation": 3})

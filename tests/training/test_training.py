@@ -162,8 +162,7 @@ def test_padding_free_training_runs_with_the_same_supervised_tokens(tmp_path: Pa
         folder.mkdir()
         recipe = _recipe(
             folder, tiny_model_dir,
-            train={"max_steps": 2, "logging_steps": 1, "padding_free": padding_free, "learning_rate": 1.0e-4,
-                   "token_budget": False},
+            train={"max_steps": 2, "logging_steps": 1, "padding_free": padding_free, "learning_rate": 1.0e-4},
         )
         result = run_training(recipe, say=lambda *_: None)
         records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
