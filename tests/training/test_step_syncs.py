@@ -128,15 +128,16 @@ def _kernel(recorder: SyncRecorder):
     return kernel
 
 
-def _trainer(tmp_path: Path, model_dir: Path, train: dict, callbacks: list | None = None):
+def _trainer(tmp_path: Path, model_dir: Path, train: dict, callbacks: list | None = None, evaluate: bool = False):
     data_path = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS * 4)
+    sections = {"data": {"eval": {"path": str(write_jsonl(tmp_path / "eval.jsonl", QA_ROWS[:3]))}}} if evaluate else {}
     tree = base_recipe(model_dir, data_path, tmp_path / "run", train={"logging_steps": 2, **train},
-                       output={"save_steps": 1000})
+                       output={"save_steps": 1000}, **sections)
     recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", tree))
     tokenizer = load_tokenizer(recipe.model)
     data = prepare_data(recipe.data, tokenizer, recipe.train.seed)
     model = attach_lora(load_base_model(recipe.model, recipe.quantization, recipe.train.seed), recipe.lora, 0)
-    config = build_sft_config(recipe, str(tmp_path / "ckpt"), False)
+    config = build_sft_config(recipe, str(tmp_path / "ckpt"), evaluate)
     return build_trainer(recipe, model, tokenizer, data, config, callbacks=callbacks)
 
 
@@ -217,3 +218,31 @@ def test_the_recorder_catches_trl_stock_compute_loss(tmp_path: Path, tiny_model_
         _ = torch.arange(4)[torch.arange(4) > 1]
     assert [what for what, _ in planted.events] == ["aten._local_scalar_dense.default", "Tensor.tolist",
                                                    "aten.index.Tensor with a boolean index"], planted.report()
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_logged_metrics_are_trls(tmp_path: Path, tiny_model_dir: Path, monkeypatch, padding_free: bool) -> None:
+    """The same run with TRL's stock compute_loss and log logs the same keys and the same numbers, in training
+    (a last log with the steps after the last logging step) and in evaluation (eval_ keys)."""
+    from trl import SFTTrainer
+
+    from lora_causal.training.trainer import trainer_class
+
+    train = {"padding_free": padding_free, "gradient_accumulation": 2, "max_steps": 3, "eval_steps": 2}
+
+    def history(folder: Path) -> list[dict]:
+        folder.mkdir()
+        trainer = _trainer(folder, tiny_model_dir, train, evaluate=True)
+        trainer.train()
+        return [{key: value for key, value in entry.items() if not key.endswith(("runtime", "per_second"))}
+                for entry in trainer.state.log_history]
+
+    ours = history(tmp_path / "ours")
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_class(), "compute_loss", SFTTrainer.compute_loss)
+        patch.setattr(trainer_class(), "log", SFTTrainer.log)
+        stock = history(tmp_path / "stock")
+    assert ours == stock
+    keys = set().union(*ours)
+    assert {"entropy", "mean_token_accuracy", "num_tokens", "eval_entropy", "eval_mean_token_accuracy",
+            "eval_num_tokens", "eval_loss"} <= keys, keys
