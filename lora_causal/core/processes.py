@@ -138,9 +138,12 @@ def share_startup_error(exc: UserError) -> None:
         state.destroy_process_group()  # torn down before exit: a live group can abort the interpreter at exit
 
 
-def agree_max(value: int) -> int:
+def agree_max(value: int, timeout_s: float | None = None) -> int:
     """The largest `value` of all launched processes (a collective; the value itself with one process): how the
-    processes agree on a decision one of them made, such as stopping after this step on a signal."""
+    processes agree on a decision one of them made, such as stopping after this step on a signal.
+
+    It runs on the host (gloo, see `host_group`): a GPU all-reduce would be queued behind the step's work and read
+    back, draining the GPU's queue at every step end."""
     state = state_if_started()
     if state is None or state.num_processes == 1:
         return value
@@ -149,9 +152,29 @@ def agree_max(value: int) -> int:
 
     if not dist.is_initialized():
         return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=state.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    tensor = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=host_group(timeout_s))
     return int(tensor.item())
+
+
+_host_groups: dict[int, Any] = {}
+
+
+def host_group(timeout_s: float | None = None) -> Any:
+    """A gloo process group of all processes, for collectives on host values: the default group when it is gloo,
+    else one created on first use (a collective: every process makes its first call at the same point) with
+    `timeout_s` (train.collective_timeout_s), then reused."""
+    import torch.distributed as dist
+
+    world = dist.group.WORLD
+    if dist.get_backend(world) == "gloo":
+        return world
+    if id(world) not in _host_groups:
+        from datetime import timedelta
+
+        timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
+        _host_groups[id(world)] = dist.new_group(backend="gloo", timeout=timeout)
+    return _host_groups[id(world)]
 
 
 def wait_for(marker: Path, what: str, timeout_s: float, failure: Path | None = None,

@@ -53,7 +53,7 @@ def graceful_stop_class() -> type:
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
             from lora_causal.core.processes import agree_max
 
-            agreed = agree_max(self.signal_number or 0)
+            agreed = agree_max(self.signal_number or 0, timeout_s=args.ddp_timeout)
             if agreed:
                 self.signal_number = agreed
                 control.should_save = True

@@ -59,6 +59,9 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
             activation_offloading=train.activation_offloading,
             logging_steps=train.logging_steps,
             logging_first_step=True,
+            # Trainer's filter reads every micro-batch's loss back (a host sync) to average a non-finite one away;
+            # unfiltered, a nan or inf loss reaches the logged loss, where the progress display reports it
+            logging_nan_inf_filter=False,
             disable_tqdm=True,  # lora_causal.training.progress shows progress instead
             save_strategy="steps",
             save_steps=recipe.output.save_steps,
@@ -74,6 +77,8 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
             padding_free=False,  # padding-free batches come from our collator, not TRL's
             dataloader_num_workers=0,  # the token meter counts batches in this process
             dataloader_pin_memory=torch.cuda.is_available(),
+            # from pinned memory, a batch's copy to the GPU need not wait for the GPU's queue to drain
+            accelerator_config={"non_blocking": True} if torch.cuda.is_available() else None,
             use_cpu=not torch.cuda.is_available(),
             ddp_find_unused_parameters=False,  # every adapter weight takes part in every forward
             ddp_timeout=train.collective_timeout_s,
@@ -91,6 +96,8 @@ def trainer_class() -> type:
     """
     from trl import SFTTrainer
 
+    from lora_causal.training.step_metrics import StepMetrics, fused_applies, fused_loss
+
     class CountingSFTTrainer(SFTTrainer):
         def __init__(self, *args: Any, meter: TokenMeter | None = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -99,14 +106,23 @@ def trainer_class() -> type:
             # also those with `accepts_loss_kwargs = False` (Gemma-4), and not divide again by the accumulation steps
             self.model_accepts_loss_kwargs = True
             self.own_head = loss_head(self.model) == "own"
+            self.step_metrics = StepMetrics()
 
         def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                          num_items_in_batch: Any = None) -> Any:
-            """TRL's fused-head loss where the classification shows it exact; the model's own head otherwise."""
-            if not self.own_head:
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
-            return own_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            """TRL's fused-head loss where the classification shows it exact (its metrics kept on the device, see
+            lora_causal.training.step_metrics); the model's own head otherwise."""
+            if self.own_head:
+                return own_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            if fused_applies(self, return_outputs):
+                return fused_loss(self, model, inputs, num_items_in_batch)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            """TRL's log, after the metrics kept on the device are read (the only host sync they cost)."""
+            self.step_metrics.flush(self, "train" if self.model.training else "eval")
+            super().log(logs, start_time)
 
         @property
         def budget_steps(self) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -220,3 +221,15 @@ def test_a_second_process_training_into_the_same_folder_is_refused(tmp_path: Pat
         os.close(holder)  # as when that process ends, however it ends
     assert call_cli(["train", str(recipe)]) == 0, capfd.readouterr().err[-2000:]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("user", "expected"), [({}, "expandable_segments:True"),
+                                                ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}, "max_split_size_mb:64"),
+                                                ({"PYTORCH_ALLOC_CONF": "expandable_segments:False"}, None)])
+def test_expandable_segments_by_default_the_users_setting_wins(monkeypatch, user, expected) -> None:
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    for name, value in user.items():
+        monkeypatch.setenv(name, value)
+    assert call_cli(["--help"]) == 0
+    assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == expected

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -64,3 +65,38 @@ def test_unreadable_deepspeed_config_is_one_line(tmp_path: Path, monkeypatch) ->
 def test_no_deepspeed_no_stage(monkeypatch) -> None:
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     assert processes.deepspeed_zero_stage() is None
+
+
+def _agree(rank: int, port: int, backend: str, results: object) -> None:
+    import torch.distributed as dist
+
+    from lora_causal.core import processes
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    if backend == "accelerate":
+        processes.process_state(60)  # gloo on the CPU: the default group is reused
+    else:
+        dist.init_process_group(backend, rank=rank, world_size=2)
+        processes.state_if_started = lambda: type("State", (), {"num_processes": 2})()  # only the group matters here
+    first = processes.agree_max(7 if rank else 2, timeout_s=60)
+    second = processes.agree_max(0, timeout_s=60)
+    group = processes.host_group(60)
+    results.put((rank, first, second, group is processes.host_group(60), dist.get_backend(group),
+                 group is dist.group.WORLD))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["accelerate", "cpu:gloo"])
+def test_agree_max_runs_on_a_host_group(backend: str) -> None:
+    """Two processes agree on the largest value over gloo; a default group that is not plain gloo (NCCL on GPUs;
+    here a per-device backend) gets one gloo group, created once."""
+    import torch.multiprocessing as mp
+    from conftest import free_port
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    mp.start_processes(_agree, args=(free_port(), backend, results), nprocs=2, start_method="spawn")
+    found = sorted(results.get(timeout=60) for _ in range(2))
+    reuses_world = backend == "accelerate"
+    assert found == [(rank, 7, 0, True, "gloo", reuses_world) for rank in (0, 1)]
