@@ -247,11 +247,10 @@ def build_trainer(  # noqa: PLR0913
         # whole optimizer steps on every process: filler rows (no target) instead of accelerate's repeated examples
         train_dataset = top_up(train_dataset, train_rows, pad_id)
     else:
+        from lora_causal.data.budget_steps import SlotCollator
         from lora_causal.data.packing import PackCollator, pack_examples
 
         budget = recipe.train.token_budget
-        from lora_causal.data.budget_steps import SlotCollator
-
         steps = budget_steps(recipe, train.lengths(), processes)  # whole steps of packs, fillers included
         collator = SlotCollator(steps, PackCollator(collator, train.model_dataset()))
         train_dataset = steps.slot_dataset()
