@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# The GPU check, in order of importance, inside a time budget: the GPU tests, FSDP-QLoRA through accelerate on one
-# device (the demo recipe), `lora-causal bench` stock vs the
-# project's defaults on the Llama-3.1-8B shape (with a torch.profiler summary of one step of each), the lever arms
-# on the Llama-3.2-1B shape, then single-sequence probes near 80k tokens on the 8B shape under 24 GiB. A stage that
-# would start after the budget is skipped (and says so), so the script ends in time with what it measured.
+# The GPU check, in order of importance, inside a time budget: the GPU tests (the real varlen kernel, whole
+# optimizer steps under torch.cuda.set_sync_debug_mode, 4-bit training and merge on CUDA), `lora-causal bench` on
+# the Llama-3.1-8B shape at a global batch of 16 (micro-batch 4 x accumulation 4): stock vs the defaults (token-budget
+# micro-batches) vs one lever each (no budget, twice the budget, Liger's kernels), with a torch.profiler summary of
+# one step of each, then single-sequence probes near 80k tokens on the 8B shape under 24 GiB, FSDP-QLoRA through
+# accelerate on one device (the demo recipe), and the lever arms on the Llama-3.2-1B shape. A stage that would start
+# after the budget is skipped (and says so), so the script ends in time with what it measured.
 #
 #   benchmarks/gpu_check.sh [OUTPUT_FOLDER]
 #
 # OUTPUT_FOLDER defaults to $OUT_DIR, else $OUT, else benchmarks/results/<date>-<gpu>. Environment knobs:
-#   BUDGET_S=540  STEPS_8B=12  STEPS_1B=16  WARMUP=3  MB_1B=8  MB_8B=4
-#   ARMS_8B="stock,lora_causal"
-#   ARMS_1B="stock,lora_causal,lora_causal+padded,lora_causal+packed_sdpa,lora_causal+no_checkpointing"
-#   CONTEXT_ARMS="lora_causal+offload,lora_causal"  CONTEXT_LENGTHS=81920
+#   BUDGET_S=540  STEPS_8B=10  STEPS_1B=12  WARMUP=3  MB_1B=8  MB_8B=4  GA_8B=4  GA_1B=2
+#   ARMS_8B="stock,lora_causal,lora_causal+no_budget,lora_causal+budget_x2,lora_causal+liger"
+#   ARMS_1B="stock,lora_causal,lora_causal+no_budget,lora_causal+no_checkpointing"
+#   CONTEXT_ARMS="lora_causal+offload_liger,lora_causal+offload"  CONTEXT_LENGTHS=81920
 #   SHAPE_8B=llama-3.1-8b  SHAPE_1B=llama-3.2-1b   (SHAPE_8B=tiny SHAPE_1B=tiny for a CPU dry run of the script)
-#   STAGES="tests fsdp bench8b bench1b context"   the stages to run, in this order of importance
+#   STAGES="tests bench8b context fsdp bench1b"   the stages to run, in this order of importance
 # Needs trl, peft, bitsandbytes, datasets and pydantic importable (carried wheels on a machine without them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,23 +54,25 @@ except ImportError as exc:
     print("no varlen_attn:", exc)
 EOF
 
-stages=" ${STAGES:-tests fsdp bench8b bench1b context} "
+stages=" ${STAGES:-tests bench8b context fsdp bench1b} "
 wanted() { [[ "$stages" == *" $1 "* ]]; }
 
-wanted tests && stage gpu-tests 90 "$python" -m pytest -q -m gpu tests/model/test_gpu.py -p no:cacheprovider -o addopts=""
+wanted tests && stage gpu-tests 90 "$python" -m pytest -q -m gpu tests -p no:cacheprovider -o addopts=""
+wanted bench8b && stage "bench-$shape_8b" 240 "$python" -m lora_causal bench --shape "$shape_8b" \
+  --arms "${ARMS_8B:-stock,lora_causal,lora_causal+no_budget,lora_causal+budget_x2,lora_causal+liger}" \
+  --out "$out/$shape_8b" --steps "${STEPS_8B:-10}" --warmup "$warmup" --micro-batch "${MB_8B:-4}" \
+  --grad-accum "${GA_8B:-4}" --profile
+wanted context && stage "max-context-$shape_8b" 100 "$python" -m lora_causal bench --shape "$shape_8b" --max-context \
+  --memory-cap-gib 24 --arms "${CONTEXT_ARMS:-lora_causal+offload_liger,lora_causal+offload}" \
+  --context-lengths "${CONTEXT_LENGTHS:-81920}" --out "$out/$shape_8b-max-context"
 # FSDP-QLoRA on the single-device path: the demo recipe through the FSDP config with one process
 wanted fsdp && stage fsdp-qlora 60 "$python" -m accelerate.commands.launch --config_file recipes/accelerate/fsdp_qlora.yaml \
   --num_processes 1 -m lora_causal train recipes/demo.yaml train.epochs=1 train.max_steps=4 output.merge=null \
   data.eval=null train.eval_steps=null "output.dir=$out/fsdp-run"
-wanted bench8b && stage "bench-$shape_8b" 200 "$python" -m lora_causal bench --shape "$shape_8b" \
-  --arms "${ARMS_8B:-stock,lora_causal}" --out "$out/$shape_8b" --steps "${STEPS_8B:-12}" --warmup "$warmup" \
-  --micro-batch "${MB_8B:-4}" --profile
 wanted bench1b && stage "bench-$shape_1b" 100 "$python" -m lora_causal bench --shape "$shape_1b" \
-  --arms "${ARMS_1B:-stock,lora_causal,lora_causal+padded,lora_causal+packed_sdpa,lora_causal+no_checkpointing}" \
-  --out "$out/$shape_1b" --steps "${STEPS_1B:-16}" --warmup "$warmup" --micro-batch "${MB_1B:-8}"
-wanted context && stage "max-context-$shape_8b" 100 "$python" -m lora_causal bench --shape "$shape_8b" --max-context \
-  --memory-cap-gib 24 --arms "${CONTEXT_ARMS:-lora_causal+offload,lora_causal}" \
-  --context-lengths "${CONTEXT_LENGTHS:-81920}" --out "$out/$shape_8b-max-context"
+  --arms "${ARMS_1B:-stock,lora_causal,lora_causal+no_budget,lora_causal+no_checkpointing}" \
+  --out "$out/$shape_1b" --steps "${STEPS_1B:-12}" --warmup "$warmup" --micro-batch "${MB_1B:-8}" \
+  --grad-accum "${GA_1B:-2}"
 
 echo
 echo "== summary ($device, ${SECONDS}s)"

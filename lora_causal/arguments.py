@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--arms", default="stock,lora_causal",
                        help="comma-separated: stock, lora_causal (the project's defaults), lora_causal+padded, "
                             "lora_causal+packed_sdpa, lora_causal+no_checkpointing, lora_causal+no_budget, "
-                            "lora_causal+budget_x2, lora_causal+liger (GPU, liger-kernel), lora_causal+offload (GPU)")
+                            "lora_causal+budget_x2, lora_causal+liger (GPU, liger-kernel), lora_causal+offload (GPU), "
+                            "lora_causal+offload_liger (GPU)")
     bench.add_argument("--micro-batch", type=int, default=4)
     bench.add_argument("--grad-accum", type=int, default=4,
                        help="examples per optimizer step = micro-batch x this (default 4 x 4 = 16, a realistic global batch)")

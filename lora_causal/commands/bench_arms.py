@@ -41,6 +41,8 @@ LEVERS: dict[str, dict[str, Any]] = {
     "lora_causal+budget_x2": {"budget_factor": 2},
     # Liger's fused RMSNorm, RoPE and SwiGLU kernels through TRL's use_liger_kernel (needs liger-kernel and a GPU)
     "lora_causal+liger": {"sft": {"use_liger_kernel": True}},
+    # for --max-context: both (Liger's fused norm and SwiGLU cut the recomputed layer's peak, offloading the rest)
+    "lora_causal+offload_liger": {"train": {"activation_offloading": True}, "sft": {"use_liger_kernel": True}},
 }
 
 

@@ -37,6 +37,7 @@ class Stats:
     truncated: int
     padding_fraction: float
     lengths: list[int]
+    batching: str = ""  # how the examples become micro-batches, in words
 
     @property
     def supervised_fraction(self) -> float:
@@ -48,6 +49,9 @@ def dataset_stats(prepared: PreparedData, recipe: Recipe) -> Stats:
 
     report = prepared.train_report
     lengths = prepared.train.lengths()
+    train = resolved(recipe).train
+    padding = 0.0 if train.padding_free else padding_fraction(
+        lengths, train.micro_batch_size, train.seed, train.pad_to_multiple_of)
     return Stats(
         examples=report.examples,
         tokens=report.tokens,
@@ -55,11 +59,23 @@ def dataset_stats(prepared: PreparedData, recipe: Recipe) -> Stats:
         dropped_no_targets=report.dropped_no_targets,
         dropped_too_long=report.dropped_too_long,
         truncated=report.truncated,
-        padding_fraction=0.0 if resolved(recipe).train.padding_free else padding_fraction(
-            lengths, recipe.train.micro_batch_size, recipe.train.seed, recipe.train.pad_to_multiple_of
-        ),
+        padding_fraction=padding,
         lengths=lengths,
+        batching=_batching_words(resolved(recipe), lengths, padding),
     )
+
+
+def _batching_words(as_run: Recipe, lengths: list[int], padding: float) -> str:
+    """The micro-batches the recipe makes of these lengths (one process), in words."""
+    train = as_run.train
+    if not train.token_budget or not lengths:
+        return f"padding {padding:.1%} at micro_batch_size {train.micro_batch_size}"
+    from lora_causal.training.trainer import budget_steps
+
+    steps = budget_steps(as_run, lengths, processes=1)
+    return (f"token budget {train.token_budget}: {steps.rounds} micro-batch{'es' if steps.rounds > 1 else ''} per "
+            f"optimizer step on one process (instead of {train.gradient_accumulation} of {train.micro_batch_size} "
+            f"examples), packs {steps.fill():.0%} full, no padding")
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:
@@ -145,8 +161,7 @@ def print_stats(console: Console, stats: Stats, recipe: Recipe) -> None:
     console.print(
         f"examples {stats.examples} · tokens {stats.tokens} · supervised {stats.supervised_fraction:.1%} · "
         f"truncated {stats.truncated} · dropped {stats.dropped_no_targets} (no targets) + "
-        f"{stats.dropped_too_long} (too long) · padding {stats.padding_fraction:.1%} at micro_batch_size "
-        f"{recipe.train.micro_batch_size}"
+        f"{stats.dropped_too_long} (too long) · {stats.batching}"
     )
     console.print("length histogram (tokens: examples)")
     for label, count, bar in histogram_rows(stats.lengths):
@@ -207,7 +222,7 @@ def render_html(tokenizer: Any, prepared: PreparedData, labels: list[list[int]],
     parts.append(
         f"<p>examples {stats.examples} · tokens {stats.tokens} · supervised {stats.supervised_fraction:.1%} · "
         f"truncated {stats.truncated} · dropped {stats.dropped_no_targets} (no targets) + {stats.dropped_too_long} "
-        f"(too long) · padding {stats.padding_fraction:.1%} at micro_batch_size {recipe.train.micro_batch_size}</p>"
+        f"(too long) · {esc(stats.batching)}</p>"
     )
     parts.append("<h2>Checks</h2><ul>")
     for finding in findings:

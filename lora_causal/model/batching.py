@@ -128,8 +128,10 @@ def plan_batching(  # noqa: PLR0911, PLR0912, PLR0913
     flash = verdict is None
     varlen_kernel = "varlen, Flash Attention kernel" if flash else "varlen, exact per-sequence"
     packed_own = "the model's own, with a block-diagonal mask from position_ids"
+    cause = ""
     if padding_free == "auto" and (token_budget or attn_implementation == VARLEN):
         padding_free = True  # both need packed rows
+        cause = "train.token_budget; " if token_budget else ""
     elif padding_free == "auto" and (pad_to_multiple_of or attn_implementation != "auto"):
         padding_free = False  # padding to a multiple, or an attention chosen by hand: padded batches
     if attn_implementation == VARLEN:
@@ -141,7 +143,7 @@ def plan_batching(  # noqa: PLR0911, PLR0912, PLR0913
                             f"model.attn_implementation: {attn_implementation}")
     if padding_free is False:
         return BatchingPlan(False, "auto", "the model's default", "train.padding_free: false, the stock path")
-    asked = "train.padding_free: true; " if padding_free is True else ""
+    asked = cause or ("train.padding_free: true; " if padding_free is True else "")
     if not needs.custom_attention:
         if padding_free is True:
             return BatchingPlan(True, "auto", packed_own, f"{asked}{needs.model_type} takes no custom attention function")
