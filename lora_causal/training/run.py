@@ -169,6 +169,22 @@ def check_resume_continues(folder: Path, data_fingerprint: str, layout: dict[str
                         f"launch {old.get('processes')} processes to resume it, {fresh}")
 
 
+def out_of_memory_line(as_run: Recipe, step: int) -> str:
+    """What to change when the device runs out of memory during training, in one line."""
+    train = as_run.train
+    if train.token_budget:
+        size = f"micro-batches of up to {train.token_budget} tokens (train.token_budget)"
+        lower = ("a smaller train.token_budget (at least data.max_length; a step still trains micro_batch_size x "
+                 "gradient_accumulation examples, in more micro-batches)")
+    else:
+        size = f"micro-batches of {train.micro_batch_size} examples of up to {as_run.data.max_length} tokens"
+        lower = "a smaller train.micro_batch_size (and a larger gradient_accumulation)"
+    others = [name for name, off in (("train.gradient_checkpointing: true", not train.gradient_checkpointing),
+                                     ("train.activation_offloading: true", not train.activation_offloading)) if off]
+    return (f"train: the GPU ran out of memory after {step} optimizer steps with {size}; set {lower}, "
+            f"{', '.join([*others, 'or a smaller data.max_length'])}, then run again (a saved checkpoint resumes)")
+
+
 def _train(context: RunContext, data: Any) -> TrainResult:  # noqa: PLR0915 - one run, step by step
     """Load the model, train it, and write the run's outputs."""
     from lora_causal.core.rundir import base_manifest, now, write_json_atomic
@@ -233,6 +249,8 @@ def _train(context: RunContext, data: Any) -> TrainResult:  # noqa: PLR0915 - on
             except OSError:
                 pass  # the disk may be why we failed; the error itself is what matters
             run_dir.clean_up_after_failure()
+        if type(exc).__name__ == "OutOfMemoryError":  # torch's, on a GPU: say what to change, in one line
+            raise UserError(out_of_memory_line(as_run, trainer.state.global_step)) from exc
         raise
     if is_main:
         write_loss_plot(run_dir.path)

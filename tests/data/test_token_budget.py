@@ -135,3 +135,20 @@ def test_token_budget_conflicts(overrides: list[str], pattern: str, tmp_path: Pa
     tree = base_recipe(tiny_model_dir, data, tmp_path / "run")
     with pytest.raises(UserError, match=pattern):
         load_recipe(write_recipe(tmp_path / "r.yaml", tree), overrides)
+
+
+def test_running_out_of_gpu_memory_says_what_to_lower(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from lora_causal.training.run import out_of_memory_line
+
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS)
+    write_recipe(tmp_path / "r.yaml", base_recipe(tiny_model_dir, data, tmp_path / "run"))
+    budget = resolve_plan(load_recipe(tmp_path / "r.yaml")).as_run
+    line = out_of_memory_line(budget, 12)
+    assert line.startswith("train: the GPU ran out of memory after 12 optimizer steps with micro-batches of up to 128 "
+                           "tokens (train.token_budget); set a smaller train.token_budget")
+    assert "train.activation_offloading: true" in line and "\n" not in line
+    padded = resolve_plan(load_recipe(tmp_path / "r.yaml", ["train.token_budget=false", "train.padding_free=false",
+                                                            "train.activation_offloading=true"])).as_run
+    line = out_of_memory_line(padded, 0)
+    assert "micro-batches of 2 examples of up to 64 tokens; set a smaller train.micro_batch_size" in line
+    assert "activation_offloading" not in line
