@@ -44,15 +44,16 @@ def test_peak_flops_tell_sxm_from_pcie() -> None:
     assert peak_tflops("Tesla T4") is None
 
 
-ARMS = ("stock", "lora_causal", "lora_causal+padded", "lora_causal+packed_sdpa", "lora_causal+no_checkpointing")
+ARMS = ("stock", "lora_causal", "lora_causal+padded", "lora_causal+packed_sdpa", "lora_causal+no_checkpointing",
+        "lora_causal+no_budget")
 
 
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     """One CPU bench of every lever arm against stock (each arm in its own process), shared by the tests below."""
     out = tmp_path_factory.mktemp("bench")
-    report = run_bench("tiny", out, arms=ARMS, steps=4, warmup=1, micro_batch=2, median=64, max_length=128,
-                       say=lambda *_: None, profile=True)
+    report = run_bench("tiny", out, arms=ARMS, steps=4, warmup=1, micro_batch=2, grad_accum=2, median=64,
+                       max_length=128, say=lambda *_: None, profile=True)
     return report, out
 
 
@@ -73,8 +74,15 @@ def test_cpu_smoke_run_reports_and_both_arms_see_the_same_tokens(tiny_bench) -> 
     assert 0 < stock["padding_share"] < 1 and ours["padding_share"] == 0.0  # the CPU default packs rows
     assert "padding-free rows" in ours["batching"] and stock["batching"] == ""
     assert report["same_tokens"] is True
-    assert stock["tokens_total"] == ours["tokens_total"] == sum(synthetic_lengths(8, 64, 0.7, 128, 0))
-    assert stock["first_losses"][0] == pytest.approx(ours["first_losses"][0], abs=1e-3)  # same model, same batch
+    assert stock["tokens_total"] == ours["tokens_total"] == sum(synthetic_lengths(16, 64, 0.7, 128, 0))
+    # same model, same examples in every step (the token budget draws Trainer's shuffle): the same losses
+    assert stock["first_losses"] == pytest.approx(ours["first_losses"], abs=1e-3)
+    assert report["first_loss_gap_vs_stock"]["lora_causal"] < 1e-3
+    # 4 examples per step of at most 128 tokens, in as few micro-batches of the default budget (2 x 128) as hold them
+    from lora_causal.data.budget_steps import BudgetSteps
+
+    rounds = BudgetSteps(synthetic_lengths(16, 64, 0.7, 128, 0), 4, 256, 1, seed=0, epochs=1).rounds
+    assert stock["micro_batches_per_step"] == 2 and ours["micro_batches_per_step"] == rounds
     speedup = report["speedup_vs_stock"]
     assert speedup["stock"] == 1.0  # the ratio of each arm's measured tokens/s to stock's, not just any positive number
     assert speedup["lora_causal"] == pytest.approx(ours["tokens_per_s"] / stock["tokens_per_s"], abs=1e-3)
@@ -89,7 +97,8 @@ def test_lever_arms_train_the_same_tokens_as_stock(tiny_bench) -> None:
     assert report["same_tokens"] is True
     arms = {arm["arm"]: arm for arm in report["arms"]}
     padded = [arms["stock"], arms["lora_causal+padded"]]
-    packed = [arms["lora_causal+packed_sdpa"], arms["lora_causal+no_checkpointing"]]
+    packed = [arms["lora_causal+packed_sdpa"], arms["lora_causal+no_checkpointing"], arms["lora_causal+no_budget"]]
+    assert arms["lora_causal+no_budget"]["micro_batches_per_step"] == 2
     assert all(arm["padding_share"] == 0.0 for arm in packed) and all(arm["padding_share"] > 0 for arm in padded)
     assert "sdpa, block-diagonal mask" in arms["lora_causal+packed_sdpa"]["batching"]
     for arm in ARMS:  # the last warm-up step of each arm, profiled

@@ -39,7 +39,8 @@ def test_resume_refuses_changed_data_and_process_count_and_continues_otherwise(t
     first = run_cli("train", str(recipe))
     assert first.returncode == 0, first.stderr[-2000:]
     run = tmp_path / "run"
-    assert json.loads((run / "manifest.json").read_text())["layout"] == {"processes": 1, "rows_per_step": 2}
+    assert json.loads((run / "manifest.json").read_text())["layout"] == {"processes": 1, "rows_per_step": 2,
+                                                                           "token_budget": 128}
     before = _as_if_killed_after_the_last_checkpoint(run)
 
     write_jsonl(data, [*QA_ROWS * 2, QA_ROWS[0]])  # the same file, one row more
