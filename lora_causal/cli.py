@@ -281,12 +281,16 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+DEFAULT_ALLOC_CONF_MARK = "LORA_CAUSAL_DEFAULT_ALLOC_CONF"
+
+
 def gpu_memory_defaults() -> None:
     """Expandable segments for torch's CUDA allocator unless the user configured it (`PYTORCH_CUDA_ALLOC_CONF`
     or `PYTORCH_ALLOC_CONF`): micro-batches of varying length fragment fixed-size segments. Set at the process
     entry, before torch initialises CUDA (it reads the setting then)."""
     if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+        os.environ[DEFAULT_ALLOC_CONF_MARK] = "1"  # ours, not the user's: the bench's stock arm runs without it
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,7 +51,7 @@ def _arm_in_subprocess(spec: BenchSpec, timeout: int) -> ArmResult:
         try:
             process = subprocess.run(
                 [sys.executable, "-m", "lora_causal.commands.bench_arms", str(spec_file), str(result_file)],
-                capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                capture_output=True, text=True, timeout=timeout, env=arm_environment(spec.arm, os.environ),
             )
         except subprocess.TimeoutExpired:
             return ArmResult(arm=spec.arm, ok=False, error=f"timed out after {timeout}s")
@@ -59,6 +59,15 @@ def _arm_in_subprocess(spec: BenchSpec, timeout: int) -> ArmResult:
             tail = (process.stderr or process.stdout).strip().splitlines()[-1:] or ["no output"]
             return ArmResult(arm=spec.arm, ok=False, error=f"exit {process.returncode}: {tail[0][:300]}")
         return ArmResult(**json.loads(result_file.read_text()))
+
+
+def arm_environment(arm: str, environ: dict[str, str] | Any) -> dict[str, str]:
+    """The environment of an arm's process: this one's, but the stock arm runs without the allocator setting that
+    `lora-causal` itself defaults to (lora_causal.cli.gpu_memory_defaults); a user's own setting reaches every arm."""
+    env = {**environ, "PYTHONUNBUFFERED": "1"}
+    if arm == "stock" and env.pop("LORA_CAUSAL_DEFAULT_ALLOC_CONF", None):
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    return env
 
 
 # ---------------------------------------------------------------------------------------------------------

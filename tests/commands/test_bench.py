@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -152,3 +153,17 @@ def test_shape_that_is_not_a_causal_lm_is_one_line(model_type: str, tmp_path: Pa
     assert_one_line_error(code, err, rf"--shape: '.*config\.json' is a {model_type} config, which is not a causal "
                                      r"language model", out)
     assert "Traceback" not in err and not (tmp_path / "b").exists()
+
+
+def test_only_the_stock_arm_runs_without_lora_causals_allocator_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lora_causal.cli import gpu_memory_defaults
+    from lora_causal.commands.bench import arm_environment
+
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "LORA_CAUSAL_DEFAULT_ALLOC_CONF"):
+        monkeypatch.setenv(name, "")  # recorded, so what gpu_memory_defaults sets is undone after the test
+        monkeypatch.delenv(name)
+    gpu_memory_defaults()  # what `lora-causal bench` does at its entry
+    assert arm_environment("lora_causal", os.environ)["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in arm_environment("stock", os.environ)
+    mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}  # a user's own setting reaches every arm
+    assert arm_environment("stock", mine)["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:64"

@@ -227,8 +227,9 @@ def test_a_second_process_training_into_the_same_folder_is_refused(tmp_path: Pat
                                                 ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}, "max_split_size_mb:64"),
                                                 ({"PYTORCH_ALLOC_CONF": "expandable_segments:False"}, None)])
 def test_expandable_segments_by_default_the_users_setting_wins(monkeypatch, user, expected) -> None:
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "LORA_CAUSAL_DEFAULT_ALLOC_CONF"):
+        monkeypatch.setenv(name, "")  # recorded, so what main() sets is undone after the test
+        monkeypatch.delenv(name)
     for name, value in user.items():
         monkeypatch.setenv(name, value)
     assert call_cli(["--help"]) == 0
