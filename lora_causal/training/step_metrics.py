@@ -4,9 +4,11 @@ TRL 1.16's `SFTTrainer.compute_loss` gathers and reads back (`.item()`) the entr
 count (and the MoE aux loss) of every micro-batch: a device->host sync each time, so the host waits for the GPU's
 whole queue before it can queue the next micro-batch. `fused_loss` computes the same loss the same way (TRL's fused
 LM head, `model(**inputs, fused_lm_head=True)`), and `StepMetrics` keeps each micro-batch's sums as device tensors;
-at a log (`flush`, from the trainer's `log`) they are gathered across processes and turned into exactly the values
-TRL would have appended, micro-batch by micro-batch, so the logged keys and numbers do not change:
-`entropy`, `mean_token_accuracy`, `num_tokens` (and `aux_loss`), `eval_`-prefixed in evaluation.
+at a log (`flush`, from the trainer's `log`) they are gathered across processes and logged under TRL's keys:
+`entropy`, `mean_token_accuracy`, `num_tokens` (and `aux_loss`), `eval_`-prefixed in evaluation. Entropy and
+accuracy are per supervised token over everything since the last log, where TRL averages per-micro-batch means:
+the same number when one micro-batch is logged, and unlike TRL's independent of how steps are cut into
+micro-batches (token budgets, filler micro-batches, processes).
 
 The gather at a log assumes every process ran the same number of micro-batches since the last log, which holds
 because every process trains whole optimizer steps and evaluates the same number of batches (filler rows, see
@@ -105,11 +107,12 @@ class StepMetrics:
                 stacked = accelerator.gather(torch.stack(values))
                 return stacked.reshape(processes, len(values)).sum(0)
 
-            valid, entropy, correct = (summed(values) for values in
+            valid, entropy, correct = (summed(values).sum() for values in
                                        (self._valid[mode], self._entropy[mode], self._correct[mode]))
-            # TRL's division, on its tensors' dtypes, per micro-batch: the same floats, bit for bit
-            metrics["entropy"].extend(torch.where(valid > 0, entropy / valid, 0.0).tolist())
-            metrics["mean_token_accuracy"].extend(torch.where(valid > 0, correct / valid, 0.0).tolist())
+            # per supervised token over every micro-batch since the last log (TRL averages per-micro-batch means,
+            # which weighs tokens by how a step is cut: token-budget packs and filler micro-batches would change it)
+            metrics["entropy"].append(float(entropy / valid) if valid > 0 else 0.0)
+            metrics["mean_token_accuracy"].append(float(correct / valid) if valid > 0 else 0.0)
             if self._aux[mode]:
                 stacked = accelerator.gather(torch.stack(self._aux[mode]))
                 metrics["aux_loss"].extend(stacked.reshape(processes, -1).mean(0).tolist())

@@ -220,32 +220,64 @@ def test_the_recorder_catches_trl_stock_compute_loss(tmp_path: Path, tiny_model_
                                                    "aten.index.Tensor with a boolean index"], planted.report()
 
 
+def _history(folder: Path, model_dir: Path, train: dict) -> list[dict]:
+    folder.mkdir()
+    trainer = _trainer(folder, model_dir, train, evaluate=True)
+    trainer.train()
+    return [{key: value for key, value in entry.items() if not key.endswith(("runtime", "per_second"))}
+            for entry in trainer.state.log_history]
+
+
+PER_TOKEN = ("entropy", "mean_token_accuracy", "eval_entropy", "eval_mean_token_accuracy")
+
+
 @pytest.mark.parametrize("padding_free", [False, True])
 def test_logged_metrics_are_trls(tmp_path: Path, tiny_model_dir: Path, monkeypatch, padding_free: bool) -> None:
     """The same run with TRL's stock compute_loss and log logs the same keys and the same numbers, in training
-    (a last log with the steps after the last logging step) and in evaluation (eval_ keys)."""
+    (a last log with the steps after the last logging step) and in evaluation (eval_ keys); entropy and accuracy
+    are per supervised token over a log's micro-batches (TRL's mean of per-micro-batch means differs once a log
+    covers several micro-batches, so they are compared where it covers one: logging every step, no accumulation)."""
     from trl import SFTTrainer
 
     from lora_causal.training.trainer import trainer_class
 
-    train = {"padding_free": padding_free, "gradient_accumulation": 2, "max_steps": 3, "eval_steps": 2}
-
-    def history(folder: Path) -> list[dict]:
-        folder.mkdir()
-        trainer = _trainer(folder, tiny_model_dir, train, evaluate=True)
-        trainer.train()
-        return [{key: value for key, value in entry.items() if not key.endswith(("runtime", "per_second"))}
-                for entry in trainer.state.log_history]
-
-    ours = history(tmp_path / "ours")
+    train = {"padding_free": padding_free, "token_budget": False, "gradient_accumulation": 2, "max_steps": 3,
+             "eval_steps": 2}
+    single = {**train, "gradient_accumulation": 1, "logging_steps": 1, "eval_steps": 1}
+    ours, ours_single = (_history(tmp_path / name, tiny_model_dir, setting)
+                         for name, setting in (("ours", train), ("ours_single", single)))
     with monkeypatch.context() as patch:
         patch.setattr(trainer_class(), "compute_loss", SFTTrainer.compute_loss)
         patch.setattr(trainer_class(), "log", SFTTrainer.log)
-        stock = history(tmp_path / "stock")
-    assert ours == stock
+        stock, stock_single = (_history(tmp_path / name, tiny_model_dir, setting)
+                               for name, setting in (("stock", train), ("stock_single", single)))
+    assert [{k: v for k, v in entry.items() if k not in PER_TOKEN} for entry in ours] == \
+        [{k: v for k, v in entry.items() if k not in PER_TOKEN} for entry in stock]
+    assert [set(entry) for entry in ours] == [set(entry) for entry in stock]
+    for mine, theirs in zip(ours_single, stock_single):  # evaluation covers two batches: its per-token keys differ
+        assert mine.keys() == theirs.keys()
+        for key in set(mine) - {"eval_entropy", "eval_mean_token_accuracy"}:
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-6), key
     keys = set().union(*ours)
     assert {"entropy", "mean_token_accuracy", "num_tokens", "eval_entropy", "eval_mean_token_accuracy",
             "eval_num_tokens", "eval_loss"} <= keys, keys
+
+
+def test_entropy_and_accuracy_do_not_depend_on_how_steps_are_cut(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Per supervised token: the same with micro-batches of 2 examples, one budget pack per step, or a budget
+    that cuts a step into more packs than it has examples (filler micro-batches)."""
+    train = {"padding_free": True, "gradient_accumulation": 3, "max_steps": 3, "eval_steps": 2}
+    runs = [_history(tmp_path / name, tiny_model_dir, {**train, "token_budget": budget})
+            for name, budget in (("plain", False), ("one_pack", 1024), ("tight", 64))]
+    logged = [[entry for entry in run if "loss" in entry or "eval_loss" in entry] for run in runs]
+    assert len(logged[0]) >= 2
+    for other in logged[1:]:
+        assert len(other) == len(logged[0])
+        for a, b in zip(logged[0], other):
+            assert a.keys() == b.keys()
+            for key in set(a) & {"loss", "entropy", "mean_token_accuracy", "eval_loss", "eval_entropy",
+                                 "eval_mean_token_accuracy"}:
+                assert a[key] == pytest.approx(b[key], rel=1e-4), key
 
 
 @pytest.mark.gpu
