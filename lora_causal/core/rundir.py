@@ -21,6 +21,7 @@ output.overwrite); replacing removes only the entries in RUN_ENTRIES, their temp
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import re
@@ -78,7 +79,21 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(path, standard_json(data, indent=2) + "\n")
+
+
+def standard_json(data: Any, indent: int | None = None) -> str:
+    """JSON that every reader takes: a non-finite float (a nan loss) becomes null, not Python's bare NaN."""
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(data), indent=indent, sort_keys=False, allow_nan=False)
 
 
 def replace_dir_atomic(staging: Path, target: Path) -> None:

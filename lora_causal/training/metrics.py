@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+
+from lora_causal.core.rundir import standard_json
 
 
 class TokenMeter:
@@ -77,13 +80,16 @@ def _sum_over_processes(*values: int) -> list[int]:
     return totals.tolist()
 
 
+TOKENS_FILE = "lora_causal_tokens.json"  # in each checkpoint: the tokens trained up to it
+
+
 class MetricsCallback(TrainerCallback):
     """Adds token counts, tokens/s, supervised tokens/s (all processes together) and peak memory (this process) to
     each training log, the seconds since training started to every log, and appends each log to metrics.jsonl
     (main process only).
 
-    Per training log: `tokens` and `supervised_tokens` are totals since this process started training (a resumed
-    run counts again from 0), `tokens_per_s` and `supervised_tokens_per_s` cover the interval since the previous
+    Per training log: `tokens` and `supervised_tokens` are totals since the run started (a resumed run adds what the
+    checkpoint it resumes from had seen, `TOKENS_FILE`, written with every checkpoint), `tokens_per_s` and `supervised_tokens_per_s` cover the interval since the previous
     training log, `elapsed_s` the time since training started in this process. Every record in metrics.jsonl also
     names its `attempt` (one id per process that trained), so a summary can tell a resumed run's attempts apart
     whatever the timing. Callbacks that read these fields (the progress display, trackers) must come after this one.
@@ -91,6 +97,8 @@ class MetricsCallback(TrainerCallback):
 
     def __init__(self, path: Path, is_main_process: bool, meter: TokenMeter) -> None:
         self.meter = meter
+        self.base = (0, 0)  # tokens and supervised tokens trained before this attempt (resumed runs)
+        self.nonfinite_step: int | None = None  # the step whose logged loss was nan or infinite
         self.path = path
         self.is_main_process = is_main_process
         self.history: list[dict[str, Any]] = []
@@ -108,8 +116,11 @@ class MetricsCallback(TrainerCallback):
         if "loss" in logs:
             tokens, target_tokens = _sum_over_processes(self.meter.tokens, self.meter.target_tokens)
             elapsed = max(time.perf_counter() - self._last_time, 1e-9)
-            logs["tokens"] = tokens
-            logs["supervised_tokens"] = target_tokens
+            logs["tokens"] = tokens + self.base[0]
+            logs["supervised_tokens"] = target_tokens + self.base[1]
+            if not math.isfinite(float(logs["loss"])) and self.nonfinite_step is None:
+                self.nonfinite_step = state.global_step  # training stops here (nothing after it can recover)
+                control.should_training_stop = True
             logs["tokens_per_s"] = round((tokens - self._last_tokens) / elapsed, 1)
             logs["supervised_tokens_per_s"] = round((target_tokens - self._last_target_tokens) / elapsed, 1)
             logs["peak_mem_gib"] = round(peak_memory_gib(), 3)
@@ -120,7 +131,28 @@ class MetricsCallback(TrainerCallback):
         self.history.append(record)
         if self.is_main_process:
             with self.path.open("a", encoding="utf-8") as stream:
-                stream.write(json.dumps(record) + "\n")
+                stream.write(standard_json(record) + "\n")
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_log = True  # the last step is always logged: the summary's totals end where training did
+        return control
+
+    def on_save(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
+        """Every process takes part (a sum over processes); the main one writes the totals into the checkpoint."""
+        totals = _sum_over_processes(self.meter.tokens, self.meter.target_tokens)
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.is_main_process and folder.is_dir():
+            (folder / TOKENS_FILE).write_text(json.dumps({"tokens": totals[0] + self.base[0],
+                                                          "supervised_tokens": totals[1] + self.base[1]}))
+
+    def resume_from(self, checkpoint: Path) -> None:
+        """Count on from the totals `checkpoint` had seen (none if it predates them)."""
+        try:
+            seen = json.loads((checkpoint / TOKENS_FILE).read_text())
+            self.base = (int(seen["tokens"]), int(seen["supervised_tokens"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            self.base = (0, 0)
 
     def losses(self) -> list[float]:
         return [record["loss"] for record in self.history if "loss" in record]

@@ -169,6 +169,19 @@ def check_resume_continues(folder: Path, data_fingerprint: str, layout: dict[str
                         f"launch {old.get('processes')} processes to resume it, {fresh}")
 
 
+def _stop_on_nonfinite_loss(step: int, as_run: Recipe, run_dir: Any, manifest: dict[str, Any], is_main: bool) -> None:
+    """The loss became nan or infinite: training stopped at that log, no adapter is saved (its weights would be
+    too), the run is marked failed, and the user is told what to change."""
+    train = as_run.train
+    line = (f"train: the loss became nan or infinite by step {step} (training stopped there, no adapter saved: its "
+            f"weights would not be numbers); lower train.learning_rate (now {train.learning_rate}) or "
+            f"train.max_grad_norm (now {train.max_grad_norm}), or check the data, then start afresh with "
+            "--overwrite (checkpoints from that step on hold the same non-numbers)")
+    if is_main:
+        run_dir.update_manifest({**manifest, "status": "failed", "error": line})
+    raise UserError(line)
+
+
 def out_of_memory_line(as_run: Recipe, step: int) -> str:
     """What to change when the device runs out of memory during training, in one line."""
     train = as_run.train
@@ -225,6 +238,8 @@ def _train(context: RunContext, data: Any) -> TrainResult:  # noqa: PLR0915 - on
     sft_config = build_sft_config(as_run, str(run_dir.checkpoints), has_eval=data.eval is not None)
     meter = TokenMeter()
     metrics = MetricsCallback(run_dir.path / "metrics.jsonl", is_main, meter)
+    if run_dir.resume_from is not None:
+        metrics.resume_from(run_dir.resume_from)  # token totals count on from the checkpoint
     stop = graceful_stop_class()()
     display = TrainingDisplay(is_main)  # after metrics: it shows what MetricsCallback adds to the logs
     trainer = build_trainer(as_run, model, tokenizer, data, sft_config, meter=meter, callbacks=[metrics, stop, display])
@@ -254,6 +269,8 @@ def _train(context: RunContext, data: Any) -> TrainResult:  # noqa: PLR0915 - on
         raise
     if is_main:
         write_loss_plot(run_dir.path)
+    if metrics.nonfinite_step is not None:
+        _stop_on_nonfinite_loss(metrics.nonfinite_step, as_run, run_dir, manifest, is_main)
     if stop.signal_number is not None:
         stop_on_signal(stop.signal_number, trainer, run_dir, manifest, is_main, save)
 
