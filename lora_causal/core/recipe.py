@@ -316,14 +316,34 @@ class Recipe(_Section):
 
     def fingerprint(self) -> str:
         """A short hash of the resolved recipe, minus fields that do not change what is trained."""
-        data = self.model_dump(mode="json")
-        for key in ("overwrite", "sample_prompts", "sample_max_new_tokens", "report_to", "merge"):
-            data["output"].pop(key, None)
-        for key in ("num_proc", "cache", "cache_dir"):  # how the data is prepared, not what is trained
-            data["data"].pop(key, None)
-        for source in (data["data"]["train"], data["data"].get("eval") or {}):
-            for key in ("config", "data_files", "revision"):  # unset Hub keys: fingerprints of older recipes hold
-                if source.get(key) is None:
-                    source.pop(key, None)
-        data["train"].pop("collective_timeout_s", None)
+        data = trained_fields(self.model_dump(mode="json"))
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trained_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """A recipe's fields (its `model_dump(mode="json")`, or a run folder's recipe.yaml) that name what is trained:
+    the fingerprint's input."""
+    data = json.loads(json.dumps(data))  # a copy
+    for key in ("overwrite", "sample_prompts", "sample_max_new_tokens", "report_to", "merge"):
+        data.get("output", {}).pop(key, None)
+    for key in ("num_proc", "cache", "cache_dir"):  # how the data is prepared, not what is trained
+        data.get("data", {}).pop(key, None)
+    for source in (data.get("data", {}).get("train") or {}, data.get("data", {}).get("eval") or {}):
+        for key in ("config", "data_files", "revision"):  # unset Hub keys: fingerprints of older recipes hold
+            if source.get(key) is None:
+                source.pop(key, None)
+    data.get("train", {}).pop("collective_timeout_s", None)
+    return data
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """`section.key: was X, now Y` for every trained field that differs between two recipes' dumps."""
+    old, new = (trained_fields(old), trained_fields(new)) if not prefix else (old, new)
+    changes = []
+    for key in [*old, *(key for key in new if key not in old)]:
+        before, after = old.get(key), new.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes += changed_fields(before, after, f"{prefix}{key}.")
+        elif before != after:
+            changes.append(f"{prefix}{key}: was {json.dumps(before)}, now {json.dumps(after)}")
+    return changes

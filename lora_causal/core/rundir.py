@@ -276,8 +276,10 @@ class RunDirectory:
         return self.path / "checkpoints"
 
     @classmethod
-    def plan(cls, folder: str, recipe_fingerprint: str, overwrite: bool) -> RunDirectory:
-        """Decide fresh run, resume or refusal for `folder`, without writing anything."""
+    def plan(cls, folder: str, recipe_fingerprint: str, overwrite: bool,
+             recipe_data: dict[str, Any] | None = None) -> RunDirectory:
+        """Decide fresh run, resume or refusal for `folder`, without writing anything (`recipe_data`, the recipe's
+        dump, lets a refusal name what changed)."""
         path = Path(folder)
         check_can_create(path, "output.dir")
         if held_by_another(path / RUN_LOCK):
@@ -312,8 +314,8 @@ class RunDirectory:
         if same_recipe or overwrite:
             return cls(path, None, True)
         raise UserError(
-            f"output.dir: '{path}' holds an unfinished run of a different recipe; choose another output.dir or set "
-            "output.overwrite=true to replace it"
+            f"output.dir: '{path}' holds an unfinished run of a different recipe{_changes(path, recipe_data)}; "
+            "choose another output.dir or set output.overwrite=true to replace it"
         )
 
     def start(self, manifest: dict[str, Any], recipe_yaml: str) -> None:
@@ -382,3 +384,16 @@ def base_manifest(recipe_fingerprint: str, seed: int, data_fingerprint: str, rec
         "versions": library_versions(),
         "platform": platform.platform(),
     }
+
+
+def _changes(path: Path, recipe_data: dict[str, Any] | None) -> str:
+    """` (train.x: was 1, now 2; ...)`: what differs from the recipe the run in `path` started with, or ''."""
+    import yaml
+
+    from lora_causal.core.recipe import changed_fields
+
+    try:
+        changes = changed_fields(yaml.safe_load((path / "recipe.yaml").read_text()), recipe_data or {})
+    except (OSError, yaml.YAMLError, AttributeError, TypeError):
+        return ""
+    return f" ({'; '.join(changes[:3])}{'; ...' if len(changes) > 3 else ''})" if recipe_data and changes else ""

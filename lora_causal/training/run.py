@@ -108,7 +108,8 @@ def _prepare(plan: RunPlan, state: Any, say: Say, require_resume: bool) -> tuple
 
     recipe = plan.recipe
     # where the run goes is decided (without writing) before the data is read, so a refusal comes at once
-    run_dir = RunDirectory.plan(recipe.output.dir, recipe.fingerprint(), recipe.output.overwrite)
+    run_dir = RunDirectory.plan(recipe.output.dir, recipe.fingerprint(), recipe.output.overwrite,
+                                recipe.model_dump(mode="json"))
     if require_resume and run_dir.resume_from is None:
         raise UserError(
             f"--resume: '{recipe.output.dir}' holds no unfinished run of this recipe with a complete checkpoint; "

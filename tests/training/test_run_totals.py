@@ -64,3 +64,20 @@ def test_a_loss_that_is_not_a_number_stops_the_run_in_one_line(tmp_path: Path, t
     assert "NaN" not in text and "Infinity" not in text  # standard JSON: a non-number is null
     losses = [json.loads(line).get("loss", 0.0) for line in text.splitlines() if '"loss"' in line]
     assert losses[-1] is None and len(losses) < 30  # stopped at the first non-number
+
+
+def test_an_unfinished_run_of_another_recipe_is_refused_naming_what_changed(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import pytest
+
+    from lora_causal.core.errors import UserError
+
+    data = write_jsonl(tmp_path / "qa.jsonl", QA_ROWS * 2)
+    tree = base_recipe(tiny_model_dir, data, tmp_path / "run", train={"max_steps": 2}, output={"save_steps": 1})
+    path = write_recipe(tmp_path / "recipe.yaml", tree)
+    run_training(load_recipe(path), say=lambda *_: None)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({**manifest, "status": "running"}))
+    changed = load_recipe(path, ["train.token_budget=2048", "train.micro_batch_size=1", "output.overwrite=false"])
+    with pytest.raises(UserError, match=r"holds an unfinished run of a different recipe \(train\.micro_batch_size: "
+                                        r"was 2, now 1; train\.token_budget: was \"auto\", now 2048\); choose another"):
+        run_training(changed, say=lambda *_: None)
