@@ -185,6 +185,9 @@ def _bench(args: argparse.Namespace) -> None:
     unknown = [arm for arm in arms if arm not in ARMS]
     if unknown or not arms:
         raise UserError(f"--arms: unknown arm {unknown[0] if unknown else '(none)'}; choose from {', '.join(ARMS)}")
+    repeated = next((arm for index, arm in enumerate(arms) if arm in arms[:index]), None)
+    if repeated:
+        raise UserError(f"--arms: {repeated} is named twice; name each arm once (each runs in a fresh process anyway)")
     from lora_causal.core.paths import check_can_create, expand
 
     for name in ("micro_batch", "grad_accum", "steps", "median", "max_length"):

@@ -231,7 +231,8 @@ def run_bench(  # noqa: PLR0913
         if result.profile:
             write_text_atomic(out / f"profile-{arm}.txt", f"{arm}, {shape}, step {spec.profile_step}:\n{result.profile}")
         results.append(summarise(result, warmup, counts, mean_context))
-        say(f"  {arm}: " + (f"{results[-1]['tokens_per_s']:,.0f} tokens/s, {results[-1]['batching']}" if results[-1]["ok"]
+        plan = f", {results[-1]['batching']}" if results[-1].get("batching") else ""
+        say(f"  {arm}: " + (f"{results[-1]['tokens_per_s']:,.0f} tokens/s{plan}" if results[-1]["ok"]
                              else f"failed: {results[-1]['error']}"))
         report = _bench_report(shape, command, counts, mean_context, steps, warmup, lengths, median, sigma, max_length,
                                micro_batch, grad_accum, seed, results)

@@ -226,7 +226,8 @@ def _run_lora_causal(spec: BenchSpec, examples: list[list[int]], result: ArmResu
         "output": {"dir": workdir, "save_steps": 10**9},
     })
     plan = resolve_plan(recipe)  # what `lora-causal train` would run here
-    result.batching = plan.batching.line()
+    budget = plan.as_run.train.token_budget
+    result.batching = plan.batching.line() + (f"; micro-batches of up to {budget} tokens" if budget else "")
     recipe = plan.as_run
     start = time.perf_counter()
     tokenizer = load_tokenizer(recipe.model)

@@ -73,9 +73,8 @@ def _batching_words(as_run: Recipe, lengths: list[int], padding: float) -> str:
     from lora_causal.training.trainer import budget_steps
 
     steps = budget_steps(as_run, lengths, processes=1)
-    return (f"token budget {train.token_budget}: {steps.rounds} micro-batch{'es' if steps.rounds > 1 else ''} per "
-            f"optimizer step on one process (instead of {train.gradient_accumulation} of {train.micro_batch_size} "
-            f"examples), packs {steps.fill():.0%} full, no padding")
+    return (f"token budget {train.token_budget}, one process: "
+            f"{steps.describe(train.micro_batch_size, train.gradient_accumulation)}; no padding")
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:
@@ -263,16 +262,16 @@ def inspect_recipe(recipe: Recipe, count: int, console: Console, html_path: Path
     recipe gets the same verdict from every command, before any data is tokenized."""
     import sys
 
-    from lora_causal.training.preflight import check_before_loading
+    from lora_causal.training.preflight import plan_run
 
-    check_before_loading(recipe)
+    as_run = plan_run(recipe).as_run  # batching refusals too (a token budget on a padded-only family, ...)
     tokenizer = load_tokenizer(recipe.model)
     prepared = prepare_data(recipe.data, tokenizer, recipe.train.seed, say=lambda text: sys.stderr.write(f"{text}\n"))
     findings = run_checks(prepared, recipe.data, recipe.checks, tokenizer, recipe.train.micro_batch_size, recipe.train.seed)
     labels = example_labels(prepared, recipe, tokenizer.pad_token_id, count)
     for index, example in enumerate(prepared.train[:count]):
         print_example(console, tokenizer, example, labels[index], index, min(count, len(prepared.train)))
-    stats = dataset_stats(prepared, recipe)
+    stats = dataset_stats(prepared, as_run)
     print_stats(console, stats, recipe)
     print_findings(console, findings)
     if html_path is not None or png_path is not None:

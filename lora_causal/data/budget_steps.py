@@ -137,6 +137,19 @@ class BudgetSteps:
 
         return Dataset.from_dict({SLOT: list(range(len(self)))})
 
+    def describe(self, micro_batch_size: int, gradient_accumulation: int) -> str:
+        """The micro-batches per optimizer step and process, against the recipe without a budget, in words."""
+        def count(number: int, word: str) -> str:
+            return f"{number} {word}{'' if number == 1 else 'es' if word.endswith('h') else 's'}"
+
+        line = (f"{count(self.rounds, 'micro-batch')} per optimizer step and process (without a budget: "
+                f"{gradient_accumulation} of {count(micro_batch_size, 'example')}); the packs fill "
+                f"{self.fill():.0%} of the budget")
+        if self.rounds > gradient_accumulation:
+            line += ("; more micro-batches than without a budget: a larger train.token_budget (or auto) makes fewer, "
+                     "false makes them of examples")
+        return line
+
     def fill(self, epoch: int = 0) -> float:
         """The share of the budget the packs of `epoch` use, fillers included (1.0: every micro-batch full)."""
         packs = self.epoch_packs(epoch)

@@ -84,8 +84,9 @@ def budget_line(as_run: Recipe) -> str | None:
     train = as_run.train
     if train.token_budget is False:
         return None
+    examples = train.micro_batch_size * train.gradient_accumulation
     return (f"micro-batches: up to {train.token_budget} tokens each (train.token_budget), packed from the "
-            f"{train.micro_batch_size * train.gradient_accumulation} examples of each optimizer step "
+            f"{examples} example{'' if examples == 1 else 's'} of each optimizer step "
             "(micro_batch_size x gradient_accumulation, per process)")
 
 

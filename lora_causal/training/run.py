@@ -247,9 +247,7 @@ def _train(context: RunContext, data: Any) -> TrainResult:  # noqa: PLR0915 - on
     arrange_tracker_callbacks(trainer, recipe.output.report_to, run_dir.path, is_main)
     steps = trainer.budget_steps
     if steps is not None:
-        say(f"token budget: {steps.rounds} micro-batch{'es' if steps.rounds > 1 else ''} per optimizer step and "
-            f"process instead of {as_run.train.gradient_accumulation} of {as_run.train.micro_batch_size} examples; "
-            f"the packs fill {steps.fill():.0%} of the budget")
+        say(f"token budget: {steps.describe(as_run.train.micro_batch_size, as_run.train.gradient_accumulation)}")
 
     def save(target: Path) -> None:
         save_adapter(trainer, model, tokenizer, target, is_main, sharded)

@@ -127,6 +127,7 @@ def test_max_context_bisects_under_a_memory_cap(tmp_path: Path) -> None:
     ("args", "pattern"),
     [
         (["--arms", "stock,fast"], r"--arms: unknown arm fast"),
+        (["--arms", "stock,lora_causal,stock"], r"--arms: stock is named twice"),
         (["--steps", "3", "--warmup", "3"], r"--warmup \(3\) must be smaller than --steps \(3\)"),
         (["--shape", "gpt-9"], r"--shape: 'gpt-9' is neither a named shape"),
         (["--micro-batch", "0"], r"--micro-batch must be at least 1"),

@@ -145,6 +145,7 @@ def _yaml_nested(depth: int) -> str:
 
 LONG = "n" * 300
 T5 = {"model_type": "t5", "d_model": 16, "num_layers": 1, "num_heads": 2, "d_kv": 8, "d_ff": 32, "vocab_size": 300}
+MAMBA = {"model_type": "mamba", "hidden_size": 16, "num_hidden_layers": 1, "vocab_size": 300, "state_size": 4}
 REMOTE = {"model_type": "mycustom", "auto_map": {"AutoConfig": "configuration_my.MyConfig",
                                                  "AutoModelForCausalLM": "modeling_my.MyModel"}}
 REMOTE_FILES = {"configuration_my.py": "from transformers import PretrainedConfig\n\n\nclass MyConfig(PretrainedConfig):\n"
@@ -292,6 +293,10 @@ CASES: dict[str, Callable[[Ctx], Case]] = {
                                                        r"model\.name_or_path: '.*empty-model' has no config\.json"),
     "not a causal LM (t5)": lambda c: Case(["train", c.recipe(), f"model.name_or_path={c.model_folder('t5', T5)}"],
                                            r"^error: model\.name_or_path: '.*t5' is a t5 model \(T5Config\), not a causal language model; .{0,120}$"),
+    "token budget on a padded-only family, inspect": lambda c: Case(
+        ["inspect", c.recipe(), f"model.name_or_path={c.model_folder('mamba', MAMBA)}", "train.token_budget=1024",
+         "quantization.mode=none", "lora.target_modules=[in_proj]"],
+        r"^error: train\.token_budget: packed rows would train mamba wrongly"),
     "not a causal LM, validate": lambda c: Case(["validate", c.recipe(), f"model.name_or_path={c.model_folder('t5', T5)}"],
                                                 r"is a t5 model \(T5Config\), not a causal language model"),
     "remote code without trust": lambda c: Case(["train", c.recipe(), f"model.name_or_path={c.model_folder('remote', REMOTE, extra=REMOTE_FILES)}"],
