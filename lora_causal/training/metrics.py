@@ -118,6 +118,7 @@ class MetricsCallback(TrainerCallback):
             elapsed = max(time.perf_counter() - self._last_time, 1e-9)
             logs["tokens"] = tokens + self.base[0]
             logs["supervised_tokens"] = target_tokens + self.base[1]
+            logs["tokens_at_start"] = self.base[0]  # of this attempt: what it trained is the difference
             if not math.isfinite(float(logs["loss"])) and self.nonfinite_step is None:
                 self.nonfinite_step = state.global_step  # training stops here (nothing after it can recover)
                 control.should_training_stop = True

@@ -4,8 +4,9 @@ Works on a finished, a still-running and an interrupted or resumed run alike, be
 has written so far: `manifest.json` (status) and `metrics.jsonl` (one JSON object per log, appended by
 `lora_causal.training.metrics.MetricsCallback`). A resumed run appends a second attempt to the same file: a log
 whose `attempt` differs from the previous one's (or, in older files, whose `elapsed_s` or `step` goes backwards)
-starts a new attempt, steps logged twice keep their last record, and token counts and times (which restart in
-each attempt) are summed over attempts. The last line of a run still being
+starts a new attempt, steps logged twice keep their last record, times are summed over attempts, and token
+totals continue from the checkpoint an attempt resumed (`tokens_at_start`; in older files, which restart them,
+they are summed over attempts); tokens/s counts what each attempt computed, redone steps included. The last line of a run still being
 written may be cut off mid-write; that one line is skipped, any other unreadable line is an error.
 """
 
@@ -29,7 +30,7 @@ class RunSummary:
     steps: int
     epoch: float | None
     seconds: float | None  # training time, evaluation included, summed over attempts
-    tokens: int | None  # real tokens trained, summed over attempts (steps redone after a resume count twice)
+    tokens: int | None  # real tokens trained up to the last step (older runs: summed over attempts)
     supervised_tokens: int | None
     tokens_per_s: float | None
     peak_mem_gib: float | None
@@ -135,10 +136,16 @@ def summarize(manifest: dict[str, Any], records: list[dict[str, Any]]) -> RunSum
     last_train = [logs[-1] for logs in train_logs if logs]
 
     def total(key: str) -> int | None:
-        values = [record[key] for record in last_train if isinstance(record.get(key), int)]
+        if last_train and "tokens_at_start" in last_train[-1]:  # totals continue across attempts
+            value = last_train[-1].get(key)
+            return value if isinstance(value, int) else None
+        values = [record[key] for record in last_train if isinstance(record.get(key), int)]  # older runs
         return sum(values) if values else None
 
     tokens = total("tokens")
+    # throughput counts what every attempt computed, steps redone after a resume included
+    computed = sum(record["tokens"] - record.get("tokens_at_start", 0) for record in last_train
+                   if isinstance(record.get("tokens"), int))
     train_seconds = sum(record.get("elapsed_s", 0.0) for record in last_train)
     seconds = [max((r.get("elapsed_s", 0.0) for r in attempt), default=0.0) for attempt in attempts]
     peaks = [record["peak_mem_gib"] for record in records if isinstance(record.get("peak_mem_gib"), (int, float))]
@@ -150,7 +157,7 @@ def summarize(manifest: dict[str, Any], records: list[dict[str, Any]]) -> RunSum
         seconds=round(sum(seconds), 1) if any(seconds) else None,
         tokens=tokens,
         supervised_tokens=total("supervised_tokens"),
-        tokens_per_s=round(tokens / train_seconds, 1) if tokens and train_seconds > 0 else None,
+        tokens_per_s=round(computed / train_seconds, 1) if computed and train_seconds > 0 else None,
         peak_mem_gib=max(peaks) if peaks else None,
         first_loss=losses[0][1] if losses else None,
         last_loss=losses[-1][1] if losses else None,

@@ -288,3 +288,21 @@ def test_a_terminal_run_draws_step_total_and_eta_under_a_pseudo_terminal(tmp_pat
     assert re.search(r"(^|\r)eval step 4/4 loss ", text, re.M), text[-3000:]  # a line above the display
     assert "{'" not in text and " smooth " not in text  # no dicts; no plain log lines on a terminal
     assert "run summary:" in text
+
+
+def test_summary_of_a_resumed_run_continues_its_token_totals() -> None:
+    from lora_causal.training.summary import summarize
+
+    first = [
+        {"step": 10, "loss": 5.0, "tokens": 1000, "supervised_tokens": 100, "tokens_at_start": 0, "elapsed_s": 10.0},
+        {"step": 20, "loss": 4.0, "tokens": 2000, "supervised_tokens": 200, "tokens_at_start": 0, "elapsed_s": 20.0},
+    ]
+    # resumed from checkpoint-10 (1000 tokens seen): step 20 is trained again, the totals continue from the checkpoint
+    second = [
+        {"step": 20, "loss": 3.9, "tokens": 2000, "supervised_tokens": 200, "tokens_at_start": 1000, "elapsed_s": 9.0},
+        {"step": 30, "loss": 3.0, "tokens": 3000, "supervised_tokens": 300, "tokens_at_start": 1000, "elapsed_s": 18.0},
+    ]
+    summary = summarize({"status": "completed"}, [{**r, "attempt": "a"} for r in first] +
+                        [{**r, "attempt": "b"} for r in second])
+    assert (summary.tokens, summary.supervised_tokens) == (3000, 300)  # what the finished run trained, once
+    assert summary.tokens_per_s == round((2000 + 2000) / 38.0, 1)  # what was computed, the redone steps too
