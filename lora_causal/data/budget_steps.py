@@ -1,14 +1,14 @@
 """Token-budget micro-batches that keep the recipe's examples per optimizer step.
 
 An optimizer step trains `examples_per_step` examples (micro_batch_size x gradient_accumulation x processes, as
-without a budget), drawn by a seeded shuffle of each epoch (every epoch its own draw, the same on every process).
-The draw is Trainer's own (`epoch_steps`). The examples of a step are packed, best fit decreasing, into padding-free micro-batches of at most `budget`
-tokens, so a step of short examples takes one or two big micro-batches instead of `gradient_accumulation` small
-ones. Trainer accumulates a fixed number of micro-batches per step, so every step gets the same number per
-process (`rounds`): the most that any step of any planned epoch needs. A step that needs fewer has its fullest
-packs split in two (balanced by tokens); a step with fewer examples than packs (the last of an epoch) gets filler
-packs (one pad token, no target; see even_split). The loss divides by the supervised tokens of the whole step,
-so how a step is cut into micro-batches changes only floating-point rounding.
+without a budget), drawn by a seeded shuffle of each epoch (every epoch its own draw, the same on every process):
+Trainer's own draw (`epoch_steps`). The examples of a step are packed, best fit decreasing, into padding-free
+micro-batches of at most `budget` tokens, so a step of short examples takes one or two big micro-batches instead of
+`gradient_accumulation` small ones. Trainer accumulates a fixed number of micro-batches per step, so every step gets
+the same number per process (`rounds`): the most that any step of any planned epoch needs. A step that needs fewer
+has its fullest packs split in two (balanced by tokens); a step with fewer examples than packs (the last of an
+epoch) gets filler packs (one pad token, no target; see even_split). The loss divides by the supervised tokens of
+the whole step, so how a step is cut into micro-batches changes only floating-point rounding.
 
 `BudgetSteps` holds the plan; the trainer's dataset is its slots (`slot_dataset`, one row per pack), which
 `BudgetStepSampler` hands out in order and `SlotCollator` turns into the packs of the current epoch. The sampler

@@ -89,10 +89,11 @@ class MetricsCallback(TrainerCallback):
     (main process only).
 
     Per training log: `tokens` and `supervised_tokens` are totals since the run started (a resumed run adds what the
-    checkpoint it resumes from had seen, `TOKENS_FILE`, written with every checkpoint), `tokens_per_s` and `supervised_tokens_per_s` cover the interval since the previous
-    training log, `elapsed_s` the time since training started in this process. Every record in metrics.jsonl also
-    names its `attempt` (one id per process that trained), so a summary can tell a resumed run's attempts apart
-    whatever the timing. Callbacks that read these fields (the progress display, trackers) must come after this one.
+    checkpoint it resumes from had seen, `TOKENS_FILE`, written with every checkpoint), `tokens_per_s` and
+    `supervised_tokens_per_s` cover the interval since the previous training log, `elapsed_s` the time since
+    training started in this process. Every record in metrics.jsonl also names its `attempt` (one id per process
+    that trained), so a summary can tell a resumed run's attempts apart whatever the timing. Callbacks that read
+    these fields (the progress display, trackers) must come after this one.
     """
 
     def __init__(self, path: Path, is_main_process: bool, meter: TokenMeter) -> None:

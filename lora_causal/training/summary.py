@@ -1,13 +1,13 @@
 """A run's summary and loss plot, read from its files: what `lora-causal show RUN_DIR` and the end of training print.
 
-Works on a finished, a still-running and an interrupted or resumed run alike, because it reads only what the run
-has written so far: `manifest.json` (status) and `metrics.jsonl` (one JSON object per log, appended by
+Works on a finished, a still-running and an interrupted or resumed run alike, because it reads only what the run has
+written so far: `manifest.json` (status) and `metrics.jsonl` (one JSON object per log, appended by
 `lora_causal.training.metrics.MetricsCallback`). A resumed run appends a second attempt to the same file: a log
 whose `attempt` differs from the previous one's (or, in older files, whose `elapsed_s` or `step` goes backwards)
-starts a new attempt, steps logged twice keep their last record, times are summed over attempts, and token
-totals continue from the checkpoint an attempt resumed (`tokens_at_start`; in older files, which restart them,
-they are summed over attempts); tokens/s counts what each attempt computed, redone steps included. The last line of a run still being
-written may be cut off mid-write; that one line is skipped, any other unreadable line is an error.
+starts a new attempt, steps logged twice keep their last record, times are summed over attempts, and token totals
+continue from the checkpoint an attempt resumed (`tokens_at_start`; in older files, which restart them, they are
+summed over attempts); tokens/s counts what each attempt computed, redone steps included. The last line of a run
+still being written may be cut off mid-write; that one line is skipped, any other unreadable line is an error.
 """
 
 from __future__ import annotations
