@@ -10,8 +10,9 @@
 #   benchmarks/gpu_check.sh [OUTPUT_FOLDER]
 #
 # OUTPUT_FOLDER defaults to $OUT_DIR, else $OUT, else benchmarks/results/<date>-<gpu>. Environment knobs:
+#   (the 8B arms take about a minute each; bench.json is rewritten after every arm, so a cut keeps the first ones)
 #   BUDGET_S=540  STEPS_8B=10  STEPS_1B=12  WARMUP=3  MB_1B=8  MB_8B=4  GA_8B=4  GA_1B=2
-#   ARMS_8B="stock,lora_causal,lora_causal+no_budget,lora_causal+budget_x2,lora_causal+liger"
+#   ARMS_8B="stock,lora_causal,lora_causal+no_budget,lora_causal+liger,lora_causal+budget_x2"
 #   ARMS_1B="stock,lora_causal,lora_causal+no_budget,lora_causal+no_checkpointing"
 #   CONTEXT_ARMS="lora_causal+offload_liger,lora_causal+offload"  CONTEXT_LENGTHS=81920
 #   SHAPE_8B=llama-3.1-8b  SHAPE_1B=llama-3.2-1b   (SHAPE_8B=tiny SHAPE_1B=tiny for a CPU dry run of the script)
@@ -58,8 +59,8 @@ stages=" ${STAGES:-tests bench8b context fsdp bench1b} "
 wanted() { [[ "$stages" == *" $1 "* ]]; }
 
 wanted tests && stage gpu-tests 90 "$python" -m pytest -q -m gpu tests -p no:cacheprovider -o addopts=""
-wanted bench8b && stage "bench-$shape_8b" 240 "$python" -m lora_causal bench --shape "$shape_8b" \
-  --arms "${ARMS_8B:-stock,lora_causal,lora_causal+no_budget,lora_causal+budget_x2,lora_causal+liger}" \
+wanted bench8b && stage "bench-$shape_8b" 300 "$python" -m lora_causal bench --shape "$shape_8b" \
+  --arms "${ARMS_8B:-stock,lora_causal,lora_causal+no_budget,lora_causal+liger,lora_causal+budget_x2}" \
   --out "$out/$shape_8b" --steps "${STEPS_8B:-10}" --warmup "$warmup" --micro-batch "${MB_8B:-4}" \
   --grad-accum "${GA_8B:-4}" --profile
 wanted context && stage "max-context-$shape_8b" 100 "$python" -m lora_causal bench --shape "$shape_8b" --max-context \
