@@ -132,6 +132,7 @@ def markdown_table(report: dict[str, Any]) -> str:
         if not arm["ok"]:
             rows.append(f"| {arm['arm']} | failed: {arm['error']} | | | | | | | | | |")
             continue
+        arm = {key: "-" if value is None else value for key, value in arm.items()}  # not measured here (CPU)
         rows.append(
             f"| {arm['arm']} | {arm['tokens_per_s']:,.0f} | {arm['supervised_tokens_per_s']:,.0f} | {arm['step_s']} | "
             f"{arm.get('micro_batches_per_step', '')} | "

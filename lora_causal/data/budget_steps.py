@@ -143,8 +143,8 @@ class BudgetSteps:
             return f"{number} {word}{'' if number == 1 else 'es' if word.endswith('h') else 's'}"
 
         line = (f"{count(self.rounds, 'micro-batch')} per optimizer step and process (without a budget: "
-                f"{gradient_accumulation} of {count(micro_batch_size, 'example')}); the packs fill "
-                f"{self.fill():.0%} of the budget")
+                f"{count(gradient_accumulation, 'micro-batch')} of {count(micro_batch_size, 'example')}); the packs "
+                f"fill {self.fill():.0%} of the budget")
         if self.rounds > gradient_accumulation:
             line += ("; more micro-batches than without a budget: a larger train.token_budget (or auto) makes fewer, "
                      "false makes them of examples")

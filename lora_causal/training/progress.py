@@ -178,7 +178,9 @@ class TrainingDisplay(TrainerCallback):
             self._live.__enter__()
         else:
             resumed = f", resuming at step {self._start_step}" if self._start_step else ""
-            self._say(f"training: {self.max_steps} steps{resumed}; a line every {args.logging_steps} steps")
+            every = "step" if args.logging_steps == 1 else f"{args.logging_steps} steps"
+            steps = f"{self.max_steps} step{'' if self.max_steps == 1 else 's'}"
+            self._say(f"training: {steps}{resumed}; a line every {every}")
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001 - TrainerCallback signature
         self.step = state.global_step

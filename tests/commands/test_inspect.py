@@ -139,7 +139,7 @@ def test_inspect_prints_positions_and_writes_html_marking_the_trained_tokens(
     assert "'·four'" in out or "'·f'" in out  # the first completion token is shown as a target
     assert "eos: ok" in out
     # the default token budget (2 x 64) packs each step of 2 examples into one micro-batch
-    assert ("token budget 128, one process: 1 micro-batch per optimizer step and process (without a budget: 1 of 2 "
+    assert ("token budget 128, one process: 1 micro-batch per optimizer step and process (without a budget: 1 micro-batch of 2 "
             "examples)" in " ".join(out.split()))  # the console wraps long lines
     assert max(len(line) for line in out.splitlines()) <= 80  # readable at 80 columns
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -122,10 +122,10 @@ def test_steps_are_the_ones_trainers_own_shuffle_draws(count: int, per_step: int
 
 def test_the_budget_is_described_against_the_recipe_without_one() -> None:
     steps = BudgetSteps([20] * 64, 16, 512, 1, seed=0, epochs=1)
-    assert steps.describe(4, 4) == ("1 micro-batch per optimizer step and process (without a budget: 4 of 4 "
-                                    "examples); the packs fill 62% of the budget")
+    assert steps.describe(4, 4) == ("1 micro-batch per optimizer step and process (without a budget: 4 micro-batches "
+                                    "of 4 examples); the packs fill 62% of the budget")
     tight = BudgetSteps([300] * 8, 8, 600, 1, seed=0, epochs=1)  # a budget below 8 x 300: more than 1 micro-batch
-    assert tight.describe(8, 1).startswith("4 micro-batches per optimizer step and process (without a budget: 1 of 8 "
-                                           "examples)")
+    assert tight.describe(8, 1).startswith("4 micro-batches per optimizer step and process (without a budget: 1 "
+                                           "micro-batch of 8 examples)")
     assert "more micro-batches than without a budget: a larger train.token_budget (or auto)" in tight.describe(8, 1)
-    assert "1 of 1 example)" in BudgetSteps([5], 1, 64, 1, seed=0, epochs=1).describe(1, 1)
+    assert "1 micro-batch of 1 example)" in BudgetSteps([5], 1, 64, 1, seed=0, epochs=1).describe(1, 1)

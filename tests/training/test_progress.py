@@ -64,7 +64,7 @@ def test_piped_output_is_one_plain_line_per_log_without_dicts_or_carriage_return
     # the lines carry the numbers metrics.jsonl records
     losses = [r["loss"] for r in _records(run) if "loss" in r]
     assert [line.split(" loss ")[1].split()[0] for line in train_lines] == [f"{loss:.4f}" for loss in losses]
-    assert "training: 4 steps; a line every 1 steps" in lines
+    assert "training: 4 steps; a line every step" in lines
 
 
 def test_the_summary_and_loss_plot_come_from_the_run_files(finished) -> None:
