@@ -55,8 +55,13 @@ def pack_step(step: Sequence[int], lengths: Sequence[int], budget: int, packs: i
     """The examples of one step in packs of at most `budget` tokens: as few as best fit decreasing makes, or exactly
     `packs` of them (fullest packs split in two; empty lists stand for filler packs when examples run out)."""
     groups = [[step[index] for index in group] for group in best_fit_decreasing([lengths[i] for i in step], budget)]
-    if packs is None:
-        return groups
+    return groups if packs is None else split_packs(groups, lengths, budget, packs)
+
+
+def split_packs(groups: list[list[int]], lengths: Sequence[int], budget: int, packs: int) -> list[list[int]]:
+    """A step's fewest packs (`pack_step` without `packs`) made exactly `packs`: the fullest split in two, empty
+    lists (filler packs) once nothing is left to split; fullest first."""
+    groups = [list(group) for group in groups]
     if len(groups) > packs:
         raise ValueError(f"a step needs {len(groups)} packs of {budget} tokens, more than the {packs} planned")
     while len(groups) < packs:
@@ -94,13 +99,18 @@ class BudgetSteps:
     rounds: int = field(init=False)  # micro-batches per process per optimizer step
     epoch: int = field(init=False, default=0)  # the epoch being trained (set by BudgetStepSampler)
     _cache: dict[int, list[list[int]]] = field(init=False, default_factory=dict, repr=False, compare=False)
+    _first_epoch: list[list[list[int]]] = field(init=False, default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.lengths:
             raise ValueError("there are no examples to pack")
-        needed = max(len(pack_step(step, self.lengths, self.budget))
-                     for epoch in range(max(1, min(self.epochs, MAX_PLANNED_EPOCHS)))
-                     for step in epoch_steps(len(self.lengths), self.examples_per_step, self.seed, epoch))
+        needed = 0
+        for epoch in range(max(1, min(self.epochs, MAX_PLANNED_EPOCHS))):
+            fewest = [pack_step(step, self.lengths, self.budget)
+                      for step in epoch_steps(len(self.lengths), self.examples_per_step, self.seed, epoch)]
+            needed = max(needed, *(len(groups) for groups in fewest))
+            if epoch == 0:
+                self._first_epoch = fewest  # training starts there: its packs are not worked out twice
         self.rounds = -(-needed // self.processes)
 
     @property
@@ -120,11 +130,16 @@ class BudgetSteps:
         if epoch not in self._cache:
             self._cache.clear()  # one epoch at a time
             planned = min(epoch, MAX_PLANNED_EPOCHS - 1)
-            steps = epoch_steps(len(self.lengths), self.examples_per_step, self.seed, planned)
+            if planned == 0 and self._first_epoch:
+                fewest, self._first_epoch = self._first_epoch, []  # used once: a later request works it out again
+            else:
+                fewest = [pack_step(step, self.lengths, self.budget)
+                          for step in epoch_steps(len(self.lengths), self.examples_per_step, self.seed, planned)]
             if planned != epoch:
-                random.Random(self.seed * 7_919 + epoch).shuffle(steps)
-            self._cache[epoch] = [pack for step in steps for pack in pack_step(step, self.lengths, self.budget,
-                                                                                  self.packs_per_step)]
+                fewest = list(fewest)
+                random.Random(self.seed * 7_919 + epoch).shuffle(fewest)
+            self._cache[epoch] = [pack for groups in fewest
+                                  for pack in split_packs(groups, self.lengths, self.budget, self.packs_per_step)]
         return self._cache[epoch]
 
     def __getitem__(self, slot: int) -> dict[str, Any]:
