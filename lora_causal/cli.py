@@ -72,8 +72,9 @@ def _validate(recipe_path: str, overrides: Sequence[str], serving: Sequence[str]
     for name, built in configs.items():
         print(f"# {name}: {json.dumps(built, default=str)}")
     print(f"# {plan.batching.line()}")
-    if budget_line(plan.as_run):
-        print(f"# {budget_line(plan.as_run)}")
+    budget = budget_line(plan.as_run)
+    if budget:
+        print(f"# {budget}")
     print(f"# recipe is valid (fingerprint {recipe.fingerprint()})")
     if serving:
         from lora_causal.serving.check import check_serving, format_results
@@ -284,19 +285,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-DEFAULT_ALLOC_CONF_MARK = "LORA_CAUSAL_DEFAULT_ALLOC_CONF"
-
-
-def gpu_memory_defaults() -> None:
-    """Expandable segments for torch's CUDA allocator unless the user configured it (`PYTORCH_CUDA_ALLOC_CONF`
-    or `PYTORCH_ALLOC_CONF`): micro-batches of varying length fragment fixed-size segments. Set at the process
-    entry, before torch initialises CUDA (it reads the setting then)."""
-    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-        os.environ[DEFAULT_ALLOC_CONF_MARK] = "1"  # ours, not the user's: the bench's stock arm runs without it
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+    from lora_causal.core.processes import gpu_memory_defaults
+
     gpu_memory_defaults()
     args = _parse(argv)
     _quiet_libraries()

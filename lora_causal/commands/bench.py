@@ -63,11 +63,11 @@ def _arm_in_subprocess(spec: BenchSpec, timeout: int) -> ArmResult:
 
 def arm_environment(arm: str, environ: dict[str, str] | Any) -> dict[str, str]:
     """The environment of an arm's process: this one's, but the stock arm runs without the allocator setting that
-    `lora-causal` itself defaults to (lora_causal.cli.gpu_memory_defaults); a user's own setting reaches every arm."""
+    `lora-causal` itself defaults to (core.processes.gpu_memory_defaults); a user's own setting reaches every arm."""
+    from lora_causal.core.processes import without_our_allocator_default
+
     env = {**environ, "PYTHONUNBUFFERED": "1"}
-    if arm == "stock" and env.pop("LORA_CAUSAL_DEFAULT_ALLOC_CONF", None):
-        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
-    return env
+    return without_our_allocator_default(env) if arm == "stock" else env
 
 
 # ---------------------------------------------------------------------------------------------------------

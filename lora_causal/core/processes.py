@@ -196,3 +196,23 @@ def wait_for(marker: Path, what: str, timeout_s: float, failure: Path | None = N
             say(f"waiting for the main process to write {what} ({waited:.0f}s)")
             last_said = time.monotonic()
         time.sleep(WAIT_POLL_S)
+
+
+DEFAULT_ALLOC_CONF_MARK = "LORA_CAUSAL_DEFAULT_ALLOC_CONF"  # set beside the allocator default this module chose
+
+
+def gpu_memory_defaults() -> None:
+    """Expandable segments for torch's CUDA allocator unless the user configured it (`PYTORCH_CUDA_ALLOC_CONF`
+    or `PYTORCH_ALLOC_CONF`): micro-batches of varying length fragment fixed-size segments. Set at the process
+    entry, before torch initialises CUDA (it reads the setting then)."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+        os.environ[DEFAULT_ALLOC_CONF_MARK] = "1"  # ours, not the user's: the bench's stock arm runs without it
+
+
+def without_our_allocator_default(environ: dict[str, str]) -> dict[str, str]:
+    """`environ` less the allocator setting `gpu_memory_defaults` chose (a user's own setting stays)."""
+    env = dict(environ)
+    if env.pop(DEFAULT_ALLOC_CONF_MARK, None):
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    return env

@@ -157,7 +157,7 @@ def test_shape_that_is_not_a_causal_lm_is_one_line(model_type: str, tmp_path: Pa
 
 
 def test_only_the_stock_arm_runs_without_lora_causals_allocator_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lora_causal.cli import gpu_memory_defaults
+    from lora_causal.core.processes import gpu_memory_defaults
     from lora_causal.commands.bench import arm_environment
 
     for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF", "LORA_CAUSAL_DEFAULT_ALLOC_CONF"):
