@@ -49,7 +49,8 @@ def dataset_stats(prepared: PreparedData, recipe: Recipe) -> Stats:
 
     report = prepared.train_report
     lengths = prepared.train.lengths()
-    train = resolved(recipe).train
+    as_run = resolved(recipe)
+    train = as_run.train
     padding = 0.0 if train.padding_free else padding_fraction(
         lengths, train.micro_batch_size, train.seed, train.pad_to_multiple_of)
     return Stats(
@@ -61,7 +62,7 @@ def dataset_stats(prepared: PreparedData, recipe: Recipe) -> Stats:
         truncated=report.truncated,
         padding_fraction=padding,
         lengths=lengths,
-        batching=_batching_words(resolved(recipe), lengths, padding),
+        batching=_batching_words(as_run, lengths, padding),
     )
 
 

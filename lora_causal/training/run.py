@@ -117,8 +117,9 @@ def _prepare(plan: RunPlan, state: Any, say: Say, require_resume: bool) -> tuple
         )
     tokenizer = load_tokenizer(recipe.model)
     say(plan.batching.line())
-    if budget_line(plan.as_run):
-        say(budget_line(plan.as_run))
+    budget = budget_line(plan.as_run)
+    if budget:
+        say(budget)
 
     data = prepare_shared(recipe.data, tokenizer, recipe.train.seed, state, say, recipe.train.collective_timeout_s)
     if run_dir.resume_from is not None:

@@ -29,7 +29,7 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
     from lora_causal.model.loading import resolve_compute_dtype
 
     train = recipe.train
-    budget = train.token_budget not in ("auto", False)  # auto only reaches here resolved (training.plan)
+    budget = train.explicit_token_budget is not None  # auto only reaches here resolved (training.plan)
     compute_dtype = resolve_compute_dtype(recipe.quantization.compute_dtype)
     if train.activation_offloading and not torch.cuda.is_available():
         raise UserError("train.activation_offloading moves activations between a GPU and the CPU; there is no GPU here, "
@@ -242,9 +242,9 @@ def build_trainer(  # noqa: PLR0913
     train_dataset = train.model_dataset()
     eval_dataset = evaluation.model_dataset() if evaluation else None
     processes, pad_id = sft_config.world_size, tokenizer.pad_token_id
-    train_rows = sft_config.per_device_train_batch_size * processes * sft_config.gradient_accumulation_steps
     if not recipe.train.token_budget:
         # whole optimizer steps on every process: filler rows (no target) instead of accelerate's repeated examples
+        train_rows = sft_config.per_device_train_batch_size * processes * sft_config.gradient_accumulation_steps
         train_dataset = top_up(train_dataset, train_rows, pad_id)
     else:
         from lora_causal.data.budget_steps import SlotCollator
@@ -252,7 +252,7 @@ def build_trainer(  # noqa: PLR0913
 
         budget = recipe.train.token_budget
         steps = budget_steps(recipe, train.lengths(), processes)  # whole steps of packs, fillers included
-        collator = SlotCollator(steps, PackCollator(collator, train.model_dataset()))
+        collator = SlotCollator(steps, PackCollator(collator, train_dataset))  # packs index the examples
         train_dataset = steps.slot_dataset()
         sft_config.gradient_accumulation_steps = steps.rounds
         if evaluation:  # held-out data is small: its packs carry the examples themselves
@@ -307,7 +307,7 @@ def describe_configs(recipe: Recipe) -> dict[str, Any]:
     lora = build_lora_config(recipe.lora)
     sft = build_sft_config(recipe, str(Path(recipe.output.dir) / "checkpoints"), has_eval=recipe.data.eval is not None)
     sft_values = sft.to_dict()  # enums as their values
-    if recipe.train.token_budget not in ("auto", False):
+    if recipe.train.explicit_token_budget is not None:
         sft_values["gradient_accumulation_steps"] = "the packs of one step (train.token_budget; set from the data)"
     return {
         "BitsAndBytesConfig": _public_fields(quantization.to_dict()) if quantization else None,
