@@ -48,13 +48,21 @@ def fused_loss(trainer: Any, model: Any, inputs: dict[str, Any], num_items_in_ba
         per_token_loss = per_token_loss * outputs.log_probs.exp().detach()
     num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
     loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
-    if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
-        loss = loss * trainer.accelerator.num_processes
-    if trainer.aux_loss_enabled:
-        steps = trainer.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-        loss = loss + trainer.router_aux_loss_coef * outputs.aux_loss / steps
+    loss = step_loss(trainer, loss, outputs.aux_loss if trainer.aux_loss_enabled else None, num_items_in_batch)
     trainer.step_metrics.record("train" if trainer.model.training else "eval", outputs, inputs,
                                 aux=trainer.aux_loss_enabled)
+    return loss
+
+
+def step_loss(trainer: Any, loss: Any, aux: Any, num_items_in_batch: Any) -> Any:
+    """A micro-batch's token loss (already divided by the step's supervised tokens) as Trainer and TRL scale it:
+    times the processes when tokens are counted across them (DDP then averages the gradients), plus the router's
+    auxiliary loss (`aux`, or None), a per-micro-batch mean, spread over the accumulated micro-batches."""
+    if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
+        loss = loss * trainer.accelerator.num_processes
+    if aux is not None:
+        steps = trainer.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        loss = loss + trainer.router_aux_loss_coef * aux / steps
     return loss
 
 

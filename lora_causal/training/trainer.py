@@ -200,13 +200,11 @@ def own_loss(trainer: Any, model: Any, inputs: dict[str, Any], return_outputs: b
     if trainer.aux_loss_enabled:
         logits_inputs["output_router_logits"] = True
     outputs = model(**logits_inputs)
+    from lora_causal.training.step_metrics import step_loss
+
     loss = own_head_loss(outputs.logits, inputs["labels"], num_items_in_batch)
-    if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
-        loss = loss * trainer.accelerator.num_processes
     aux = getattr(outputs, "aux_loss", None) if trainer.aux_loss_enabled else None
-    if aux is not None:
-        steps = trainer.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
-        loss = loss + trainer.router_aux_loss_coef * aux / steps
+    loss = step_loss(trainer, loss, aux, num_items_in_batch)
     return (loss, outputs) if return_outputs else loss
 
 
