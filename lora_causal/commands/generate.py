@@ -17,7 +17,7 @@ def load_for_generation(path: str) -> tuple[Any, Any, str | None, str | None]:
     from lora_causal.core.rundir import is_run_dir
     from lora_causal.model.loading import load_base_model
     from lora_causal.serving.adapters import adapter_tokenizer, check_adapter_fits, locate_adapter, with_adapter
-    from lora_causal.serving.merging import REPORT
+    from lora_causal.core.rundir import MERGE_REPORT as REPORT
 
     folder = expand(path, "MODEL_DIR_OR_RUN_DIR")
     is_adapter = (folder / "adapter_config.json").is_file() or is_run_dir(folder)
@@ -55,7 +55,7 @@ def generate_text(  # noqa: PLR0913
     import torch
     from transformers import set_seed
 
-    from lora_causal.data.dataset import render_prompt_ids
+    from lora_causal.data.tokenizing import render_prompt_ids
 
     model, tokenizer, fmt, template = load_for_generation(path)
     ids = render_prompt_ids(tokenizer, None if raw else fmt, prompt, template)

@@ -15,14 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lora_causal.core.errors import UserError
-from lora_causal.data.tokenizing import (  # noqa: F401 - public names other modules import from here
-    ALPACA_TEMPLATE,
-    ALPACA_TEMPLATE_NO_INPUT,
-    CHAT_ROLES,
-    chat_ids,
-    fill_alpaca_template,
-    render_prompt_ids,
-)
 
 if TYPE_CHECKING:
 

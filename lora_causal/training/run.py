@@ -101,7 +101,7 @@ def _prepare(plan: RunPlan, state: Any, say: Say, require_resume: bool) -> tuple
     """The run folder decided, then the data prepared: nothing is written to the run folder yet."""
     from lora_causal.core.rundir import RunDirectory
     from lora_causal.data.checks import enforce, run_checks
-    from lora_causal.data.dataset import render_prompt_ids
+    from lora_causal.data.tokenizing import render_prompt_ids
     from lora_causal.data.prepare import prepare_shared
     from lora_causal.model.loading import load_tokenizer
     from lora_causal.training.plan import budget_line

@@ -10,7 +10,8 @@ from conftest import write_jsonl
 from lora_causal.core.errors import UserError
 from lora_causal.core.recipe import DataSection
 from lora_causal.data.collator import CausalLMCollator
-from lora_causal.data.dataset import ALPACA_TEMPLATE_NO_INPUT, model_columns, split_examples
+from lora_causal.data.dataset import model_columns, split_examples
+from lora_causal.data.tokenizing import ALPACA_TEMPLATE_NO_INPUT
 from lora_causal.data.prepare import prepare_data
 
 
