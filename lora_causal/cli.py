@@ -19,7 +19,7 @@ from lora_causal.core.errors import DISK_ERRNOS, ReportedElsewhere, RunInterrupt
 def _cache_clear(folder: str | None) -> None:
 
     from lora_causal.core.paths import check_can_create, expand
-    from lora_causal.data.cache import clear_cache, default_cache_dir
+    from lora_causal.data.cache import clear_cache, clear_named_cache, default_cache_dir
 
     if folder is not None and not folder.strip():
         raise UserError("--dir: give the cache folder, or leave --dir out for the default one")
@@ -28,11 +28,7 @@ def _cache_clear(folder: str | None) -> None:
     if folder and not target.is_dir():
         raise UserError(f"--dir: '{target}' is not a folder; give the data cache folder (data.cache_dir, or "
                         "$LORA_CAUSAL_CACHE/data), or leave --dir out for the default one")
-    removed, size = clear_cache(target)
-    if folder and (target / "data").is_dir():  # $LORA_CAUSAL_CACHE given: its prepared data lives in data/
-        target = target / "data"
-        more, more_size = clear_cache(target)
-        removed, size = removed + more, size + more_size
+    removed, size, target = clear_named_cache(target) if folder else (*clear_cache(target), target)
     print(f"removed {removed} prepared dataset{'' if removed == 1 else 's'} ({size / 2**20:.1f} MiB) from {target}")
 
 

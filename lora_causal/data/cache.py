@@ -83,6 +83,16 @@ LOCK_FDS: set[int] = set()  # lock files this process holds open: forked workers
 _SAID_NO_LOCKS: set[str] = set()
 
 
+def clear_named_cache(folder: Path) -> tuple[int, int, Path]:
+    """`clear_cache` for a folder a user named: the data cache itself, or a cache root such as $LORA_CAUSAL_CACHE,
+    whose prepared data lives in its data/ (both are cleared); (entries, bytes, the folder to name as cleared)."""
+    removed, size = clear_cache(folder)
+    if (folder / "data").is_dir():
+        more, more_size = clear_cache(folder / "data")
+        return removed + more, size + more_size, folder / "data"
+    return removed, size, folder
+
+
 def clear_cache(folder: Path) -> tuple[int, int]:
     """Delete every entry (complete, partial or moved aside), lock, heartbeat and launch marker under `folder`;
     (entries, bytes) removed.
